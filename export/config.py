@@ -1,0 +1,204 @@
+"""Typed view of a Qwen-VL ``config.json``: every size comes from the file, never from constants.
+
+Field names are the ``config.json`` keys verbatim; derived sizes are properties. The
+``tensor_shapes`` table is the one place that says which tensors a checkpoint of this
+architecture holds and with which shapes: the reader validates against it and the
+synthetic-checkpoint writer produces from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwenvl_edge.errors import CheckpointError
+
+N_QUERIES = 256  # the adapter's learned queries (16 x 16); not in config.json
+GRID_QUERIES = 16
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - data.keys())
+    if missing:
+        raise CheckpointError(f"{where}: missing key(s) {', '.join(missing)}: not a Qwen-VL config")
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class VisualConfig:
+    """The ``visual`` block: ViT sizes and the adapter's output width."""
+
+    width: int
+    layers: int
+    heads: int
+    output_dim: int
+    mlp_ratio: float
+    image_size: int = 448
+    patch_size: int = 14
+    image_start_id: int = 151857
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise CheckpointError(f"visual.width {self.width} is not divisible by visual.heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise CheckpointError(
+                f"visual.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.output_dim % 128:
+            raise CheckpointError(f"visual.output_dim {self.output_dim} is not a multiple of 128 (adapter heads)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side (32 at 448 px)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def adapter_heads(self) -> int:
+        return self.output_dim // 128
+
+    @property
+    def n_queries(self) -> int:
+        return N_QUERIES
+
+
+@dataclass(frozen=True)
+class QwenConfig:
+    """The LLM sizes plus the nested visual config."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    visual: VisualConfig
+    kv_channels: int = 0
+    layer_norm_epsilon: float = 1e-6
+    rotary_emb_base: float = 10000.0
+    rotary_pct: float = 1.0
+    seq_length: int = 2048
+    tie_word_embeddings: bool = False
+    use_dynamic_ntk: bool = True
+    use_logn_attn: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise CheckpointError(f"hidden_size {self.hidden_size} is not divisible by "
+                                  f"num_attention_heads {self.num_attention_heads}")
+        if self.kv_channels and self.kv_channels * self.num_attention_heads != self.hidden_size:
+            raise CheckpointError(f"kv_channels {self.kv_channels} x heads {self.num_attention_heads} "
+                                  f"!= hidden_size {self.hidden_size}")
+        if self.visual.output_dim != self.hidden_size:
+            raise CheckpointError(f"visual.output_dim {self.visual.output_dim} != hidden_size {self.hidden_size}")
+        if self.intermediate_size % 2:
+            raise CheckpointError(f"intermediate_size {self.intermediate_size} is odd")
+        if self.rotary_pct != 1.0:
+            raise CheckpointError(f"rotary_pct {self.rotary_pct} is not supported (Qwen-VL uses 1.0)")
+        if self.tie_word_embeddings:
+            raise CheckpointError("tie_word_embeddings is true: Qwen-VL-Chat has an untied lm_head")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def n_ff(self) -> int:
+        """Width of each MLP branch (w1, w2): half of ``intermediate_size``."""
+        return self.intermediate_size // 2
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config.json") -> QwenConfig:
+        if data.get("model_type") not in (None, "qwen") or "visual" not in data:
+            raise CheckpointError(f"{where}: not a Qwen-VL config (model_type "
+                                  f"{data.get('model_type')!r}, visual block {'visual' in data})")
+        visual = _from_dict(VisualConfig, data["visual"], f"{where} visual")
+        return _from_dict(cls, {**data, "visual": visual}, where)
+
+    @classmethod
+    def from_file(cls, path: Path) -> QwenConfig:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no config.json: not a Qwen-VL checkpoint folder") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: not a JSON object")
+        return cls.from_dict(data, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the architecture, in the order the original checkpoint lists them."""
+        h, v, ff = self.hidden_size, self.vocab_size, self.n_ff
+        vis = self.visual
+        w, d, m = vis.width, vis.output_dim, vis.mlp_width
+        s: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, h)}
+        for i in range(self.num_hidden_layers):
+            b = f"transformer.h.{i}."
+            s[b + "ln_1.weight"] = (h,)
+            s[b + "attn.c_attn.weight"] = (3 * h, h)
+            s[b + "attn.c_attn.bias"] = (3 * h,)
+            s[b + "attn.c_proj.weight"] = (h, h)
+            s[b + "ln_2.weight"] = (h,)
+            s[b + "mlp.w1.weight"] = (ff, h)
+            s[b + "mlp.w2.weight"] = (ff, h)
+            s[b + "mlp.c_proj.weight"] = (h, ff)
+        s["transformer.ln_f.weight"] = (h,)
+        p = "transformer.visual."
+        s[p + "positional_embedding"] = (N_QUERIES, w)
+        s[p + "proj"] = (d, d)
+        s[p + "conv1.weight"] = (w, 3, vis.patch_size, vis.patch_size)
+        s[p + "ln_pre.weight"] = (w,)
+        s[p + "ln_pre.bias"] = (w,)
+        for i in range(vis.layers):
+            b = f"{p}transformer.resblocks.{i}."
+            s[b + "ln_1.weight"] = (w,)
+            s[b + "ln_1.bias"] = (w,)
+            s[b + "attn.in_proj.weight"] = (3 * w, w)
+            s[b + "attn.in_proj.bias"] = (3 * w,)
+            s[b + "attn.out_proj.weight"] = (w, w)
+            s[b + "attn.out_proj.bias"] = (w,)
+            s[b + "ln_2.weight"] = (w,)
+            s[b + "ln_2.bias"] = (w,)
+            s[b + "mlp.c_fc.weight"] = (m, w)
+            s[b + "mlp.c_fc.bias"] = (m,)
+            s[b + "mlp.c_proj.weight"] = (w, m)
+            s[b + "mlp.c_proj.bias"] = (w,)
+        a = p + "attn_pool."
+        s[a + "pos_embed"] = (N_QUERIES, d)
+        s[a + "query"] = (N_QUERIES, d)
+        s[a + "kv_proj.weight"] = (d, w)
+        s[a + "attn.in_proj_weight"] = (3 * d, d)
+        s[a + "attn.in_proj_bias"] = (3 * d,)
+        s[a + "attn.out_proj.weight"] = (d, d)
+        s[a + "attn.out_proj.bias"] = (d,)
+        s[a + "ln_q.weight"] = (d,)
+        s[a + "ln_q.bias"] = (d,)
+        s[a + "ln_kv.weight"] = (d,)
+        s[a + "ln_kv.bias"] = (d,)
+        s[p + "ln_post.weight"] = (d,)
+        s[p + "ln_post.bias"] = (d,)
+        s["lm_head.weight"] = (v, h)
+        return s
+
+    def n_params(self) -> int:
+        return sum(math.prod(shape) for shape in self.tensor_shapes().values())

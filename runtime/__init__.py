@@ -1,0 +1,1 @@
+"""Bundle -> answers: onnxruntime for the image, llama.cpp for the text. Never imports torch."""

@@ -1,0 +1,68 @@
+"""Shared fixtures: real-format tiny checkpoints built by the project's own ``synth``, and golden data.
+
+Nothing is downloaded: checkpoints are written into pytest's temp folders once per session.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
+
+GOLDEN_DIR = Path(__file__).parent / "golden" / "tiny"
+GOLDEN_IMAGES = GOLDEN_DIR / "images"
+
+
+class Golden:
+    """The original implementation's outputs on the tiny seed-0 checkpoint (see golden/README.md)."""
+
+    def __init__(self, folder: Path = GOLDEN_DIR):
+        data = json.loads((folder / "golden.json").read_text(encoding="utf-8"))
+        self.system: str = data["system"]
+        self.max_new_tokens: int = data["max_new_tokens"]
+        self.cases: dict[str, dict] = {c["name"]: c for c in data["cases"]}
+        with np.load(folder / "golden.npz") as npz:
+            self.arrays: dict[str, np.ndarray] = {k: npz[k] for k in npz.files}
+        self.images: dict[str, Path] = {p.stem: p for p in sorted((folder / "images").glob("*.png"))}
+
+    def pixels(self, image: str) -> np.ndarray:
+        return self.arrays[f"pixels/{image}"]  # (3, 448, 448) float32
+
+    def vision(self, image: str) -> np.ndarray:
+        return self.arrays[f"vision/{image}"]  # (256, 256) float32
+
+    def logits_last(self, case: str) -> np.ndarray:
+        return self.arrays[f"logits_last/{case}"]  # (151936,) float32
+
+    def logits_after_img(self, case: str) -> np.ndarray:
+        return self.arrays[f"logits_after_img/{case}"]
+
+
+@pytest.fixture(scope="session")
+def golden() -> Golden:
+    return Golden()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The golden tiny checkpoint (preset tiny, seed 0), safetensors, one shard."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoint as torch-zip ``.bin`` shards with an index (the official layout)."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_bin", "tiny", seed=0, fmt="bin",
+                            shard_bytes=40 * 2**20)
+
+
+@pytest.fixture(scope="session")
+def odd_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Other sizes than the golden: 3 layers, 4 heads of 64 (LLM), 2 vision heads of 48, 3 blocks."""
+    overrides = {"hidden_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
+                 "intermediate_size": 768, "visual": {"width": 96, "layers": 3, "heads": 2}}
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "odd", "tiny", seed=7, overrides=overrides)
