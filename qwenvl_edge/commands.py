@@ -1,0 +1,228 @@
+"""What each ``qwenvl-edge`` subcommand does, given its parsed arguments.
+
+``cli.py`` parses; these functions do the work and print (this is the ``__main__`` side, so
+``print`` is allowed here and nowhere in the rooms). Each returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from qwenvl_edge.errors import PromptError, QwenVLError
+
+DISCLAIMER = ("(random weights: the demo model is built from noise, so its answer is meaningless text; "
+              "the point is that every stage ran)")
+
+
+class ProgressPrinter:
+    """Prints export progress: stage, item k/n, elapsed, and time left estimated within the stage."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.started = time.monotonic()
+        self.stage = ""
+        self.stage_started = self.started
+        self.tty = stream.isatty()
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        stage = message.split(":", 1)[0]
+        if stage != self.stage:
+            self.stage, self.stage_started = stage, now
+        left = ""
+        m = re.search(r"(\d+)/(\d+)", message)
+        if m and int(m.group(1)) > 0:
+            done, total = int(m.group(1)), int(m.group(2))
+            rate = (now - self.stage_started) / done
+            left = f", ~{rate * (total - done):.0f} s left in {stage}"
+        line = f"[{now - self.started:7.1f} s] {message}{left}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            if not m or (m and m.group(1) == m.group(2)):
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
+
+    shard = None if a.shard_mb == 0 else a.shard_mb * 2**20
+    write_checkpoint(a.out, a.preset, a.seed, a.format, shard, a.tiktoken, a.override, progress=ProgressPrinter())
+    print(a.out)
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from qwenvl_edge.export.bundle import ExportOptions, export_bundle
+
+    opts = ExportOptions(vision=a.vision, vision_scheme=a.vision_scheme,
+                         calibration_images=tuple(a.calibration_image or ()), llm=a.llm,
+                         keep_fp32_vision=a.keep_fp32_vision, n_threads=a.threads, force=a.force)
+    out = export_bundle(a.checkpoint, a.out, opts, progress=ProgressPrinter())
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        print(f"{entry['bytes'] / 2**20:10.1f} MiB  {out / name}")
+    quality = manifest["vision"].get("quality")
+    if quality:
+        print("vision INT8 vs FP32:", json.dumps(quality.get("summary", quality)))
+    return 0
+
+
+def _split_run_args(items: list[str]) -> tuple[list[str], str]:
+    if not items:
+        raise PromptError("give the question as the last argument")
+    *images, question = items
+    if not question.strip():
+        raise PromptError("the question is empty")
+    return images, question
+
+
+def _open_model(a: argparse.Namespace):
+    from qwenvl_edge.runtime.pipeline import QwenVL
+
+    return QwenVL(a.bundle, n_threads=a.threads, n_ctx=a.n_ctx, keep_vision=not a.release_vision,
+                  cache_dir=None if a.no_cache else _default_cache(), seed=a.seed, verbose=a.verbose)
+
+
+def _default_cache():
+    from qwenvl_edge.runtime.embedding_cache import default_cache_dir
+
+    return default_cache_dir()
+
+
+def _sampling(a: argparse.Namespace) -> dict:
+    return {"max_tokens": a.max_tokens, "temperature": 0.0 if a.greedy else a.temperature, "top_p": a.top_p}
+
+
+def _print_timings(result, stream=sys.stderr) -> None:
+    t = result.timings
+    print(f"[image encode {t.image_encode_s:.2f} s ({t.images_encoded} encoded, {t.images_from_cache} cached), "
+          f"prefill {t.prefill_positions} pos in {t.prefill_s:.2f} s, first token {t.ttft_s:.2f} s, "
+          f"decode {t.decode_tokens} tok at {t.decode_tok_s:.1f} tok/s]", file=stream)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    images, question = _split_run_args(a.items)
+    for image in images:
+        if not Path(image).is_file():
+            raise QwenVLError(f"{image}: no such image file")
+    with _open_model(a) as model:
+        if a.json:
+            result = model.generate(images, question, **_sampling(a))
+        else:
+            for piece in model.generate(images, question, stream=True, **_sampling(a)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            result = model.last_result
+        if a.draw:
+            _draw(images, result, a.draw)
+    if a.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        _print_timings(result)
+    return 0
+
+
+def _draw(images: list[str], result, out: Path) -> None:
+    from qwenvl_edge.runtime.boxes import draw_boxes
+    from qwenvl_edge.runtime.preprocess import load_image
+
+    if not images:
+        raise QwenVLError("--draw needs an image")
+    draw_boxes(load_image(images[0]), result.boxes, out)
+    print(f"[drew {len(result.boxes)} box(es) on {out}]", file=sys.stderr)
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    for image in a.images:
+        if not Path(image).is_file():
+            raise QwenVLError(f"{image}: no such image file")
+    pending = list(a.images)
+    with _open_model(a) as model:
+        print("qwenvl-edge chat: type a question; /image PATH adds a picture, /reset forgets, /quit ends.",
+              file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                break
+            if line == "/reset":
+                model.reset()
+                print("[conversation forgotten]", file=sys.stderr)
+                continue
+            if line.startswith("/image "):
+                path = line[len("/image "):].strip()
+                if Path(path).is_file():
+                    pending.append(path)
+                else:
+                    print(f"qwenvl-edge: error: {path}: no such image file", file=sys.stderr)
+                continue
+            try:
+                for piece in model.chat(line, pending, stream=True, **_sampling(a)):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except QwenVLError as e:  # one bad turn must not end the conversation
+                print(f"qwenvl-edge: error: {e}", file=sys.stderr)
+                continue
+            sys.stdout.write("\n")
+            pending = []
+            result = model.last_result
+            _print_timings(result)
+            print(f"[re-used {result.timings.reused_positions} cached positions]", file=sys.stderr)
+    return 0
+
+
+def demo_image(path: Path) -> Path:
+    """A sign with text and a red circle, drawn with Pillow (no download)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (640, 427), "#7fb2e5")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([60, 300, 640, 427], fill="#4f8a3a")
+    draw.rectangle([180, 90, 470, 230], fill="#f4f4f4", outline="#202020", width=6)
+    draw.text((215, 145), "QWENVL-EDGE  DEMO", fill="#202020")
+    draw.ellipse([500, 40, 600, 140], fill="#d62828")
+    image.save(path)
+    return path
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from qwenvl_edge.export.bundle import ExportOptions, export_bundle
+    from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
+
+    home = Path(a.dir)
+    ckpt, bundle = home / "tiny-checkpoint", home / "tiny-bundle"
+    progress = ProgressPrinter()
+    if a.rebuild or not (bundle / "manifest.json").is_file():
+        print(f"demo: writing a tiny random Qwen-VL checkpoint to {ckpt}", file=sys.stderr)
+        write_checkpoint(ckpt, "tiny", seed=0, progress=progress)
+        print(f"demo: exporting it (INT8 vision, {a.llm} LLM) to {bundle}", file=sys.stderr)
+        export_bundle(ckpt, bundle, ExportOptions(llm=a.llm, force=True), progress=progress)
+    image = demo_image(home / "demo-sign.png")
+    a.bundle, a.items, a.json, a.draw = bundle, [str(image), a.question], False, home / "demo-boxes.png"
+    print(f"demo: qwenvl-edge run --bundle {bundle} {image} {a.question!r}", file=sys.stderr)
+    rc = cmd_run(a)
+    print(DISCLAIMER, file=sys.stderr)
+    return rc
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from qwenvl_edge.runtime.bundle import Bundle
+
+    bundle = Bundle.open(a.bundle)
+    bundle.verify_checksums()
+    print(f"{bundle.folder}: {len(bundle.manifest['files'])} files match the manifest")
+    return 0

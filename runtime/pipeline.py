@@ -1,0 +1,359 @@
+"""``QwenVL``: a bundle that answers questions about photos on a CPU.
+
+Flow of one turn: images -> rows (onnxruntime, or the embedding cache) -> prompt units
+(``PromptBuilder``) -> prefill (``LlamaRunner``: token runs and image rows at their
+positions) -> sampling until a stop token. The units already in the KV cache are
+remembered, so a follow-up turn re-evaluates only what differs; images are compared by
+content hash, never by their placeholder ids.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from qwenvl_edge.runtime.boxes import Box, parse_boxes
+from qwenvl_edge.runtime.bundle import Bundle
+from qwenvl_edge.runtime.embedding_cache import ImageEmbeddingCache, default_cache_dir, image_key
+from qwenvl_edge.runtime.llm import LlamaRunner
+from qwenvl_edge.runtime.prompt import ImageRef, PromptBuilder, Turn, Unit, n_positions
+
+from qwenvl_edge.errors import BundleError, PromptError
+
+log = logging.getLogger(__name__)
+
+ImageInput = Path | str | Image.Image
+DEFAULT_CACHE = object()  # sentinel: the user's cache folder
+
+
+@dataclass
+class Timings:
+    """Where the time of one answer went (seconds), and how much was re-used."""
+
+    image_encode_s: float = 0.0
+    images_encoded: int = 0
+    images_from_cache: int = 0
+    prefill_s: float = 0.0
+    prefill_positions: int = 0
+    reused_positions: int = 0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_positions / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "decode_tok_s": self.decode_tok_s, "prefill_tok_s": self.prefill_tok_s}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    boxes: list[Box]
+    timings: Timings
+    prompt_positions: int
+    stop_reason: str  # "stop_token" | "max_tokens" | "context_full"
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "boxes": [b.to_dict() for b in self.boxes],
+                "timings": self.timings.to_dict(), "prompt_positions": self.prompt_positions,
+                "stop_reason": self.stop_reason}
+
+
+class QwenVL:
+    """Vision (onnxruntime) + decoder (llama.cpp) over one bundle folder.
+
+    ``keep_vision=False`` releases the ONNX session after each encode (low-memory devices);
+    ``cache_dir=None`` keeps image rows in memory only.
+    """
+
+    def __init__(self, bundle_dir: Path | str | None = None, n_threads: int | None = None, n_ctx: int = 2048,
+                 *, keep_vision: bool = True, cache_dir=DEFAULT_CACHE, seed: int = 0, verbose: bool = False):
+        self.bundle = Bundle.open(bundle_dir)
+        self.info = self.bundle.model
+        self.n_threads = n_threads
+        self.keep_vision = keep_vision
+        if n_ctx > self.info.seq_length:
+            log.warning("n_ctx %d > seq_length %d: llama.cpp has no logn/NTK scaling, answers past %d "
+                        "positions differ from the original", n_ctx, self.info.seq_length, self.info.seq_length)
+        self.llm = LlamaRunner(self.bundle.llm_path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=verbose)
+        if self.llm.n_embd != self.info.hidden_size or self.llm.n_vocab != self.info.vocab_size:
+            raise BundleError(f"{self.bundle.llm_path}: width {self.llm.n_embd} / vocab {self.llm.n_vocab}, "
+                              f"manifest says {self.info.hidden_size} / {self.info.vocab_size}: parts from "
+                              "different exports")
+        self.prompts = PromptBuilder(self.info, self.llm.tokenize_plain)
+        folder = default_cache_dir() if cache_dir is DEFAULT_CACHE else cache_dir
+        self.cache = ImageEmbeddingCache(self.bundle.vision_sha256, folder)
+        self.history: list[Turn] = []
+        self._vision = None
+        self._context: list[Unit] = []  # what the KV cache holds, position by position
+        self._boxes_size: tuple[int, int] | None = None  # boxes refer to the newest turn's first image
+
+    # --- images ----------------------------------------------------------------------------
+
+    def _vision_encoder(self):
+        if self._vision is None:
+            from qwenvl_edge.runtime.vision import VisionEncoder
+
+            self._vision = VisionEncoder(self.bundle.vision_path, n_threads=self.n_threads)
+            if self._vision.hidden_size != self.llm.n_embd:
+                width = self._vision.hidden_size
+                self._vision.close()
+                self._vision = None
+                raise BundleError(f"{self.bundle.vision_path}: rows are {width} wide but {self.bundle.llm_path.name} "
+                                  f"takes {self.llm.n_embd}: bundle parts from different checkpoints")
+        return self._vision
+
+    def _load(self, image: ImageInput) -> Image.Image:
+        from qwenvl_edge.runtime.preprocess import load_image
+
+        return load_image(image)
+
+    def encode_image(self, image: ImageInput, timings: Timings | None = None) -> np.ndarray:
+        """The image's rows ``(256, hidden)`` float32, from the cache when this image was seen before."""
+        key = self._key(image)
+        rows = self.cache.get(key)
+        if rows is not None:
+            if timings:
+                timings.images_from_cache += 1
+            return rows
+        from qwenvl_edge.runtime.preprocess import preprocess_image
+
+        started = time.perf_counter()
+        pixels = preprocess_image(self._load(image), self.info.image_size)  # (3, S, S)
+        rows = self._vision_encoder().encode(pixels[None])[0]  # (256, hidden)
+        if not self.keep_vision:
+            self.release_vision()
+        self.cache.put(key, rows)
+        if timings:
+            timings.image_encode_s += time.perf_counter() - started
+            timings.images_encoded += 1
+        return rows
+
+    def _key(self, image: ImageInput) -> str:
+        try:
+            return image_key(image)
+        except OSError as e:
+            from qwenvl_edge.errors import ImageError
+
+            raise ImageError(f"{image}: cannot read ({e.strerror or e})") from None
+
+    def release_vision(self) -> None:
+        """Free the ONNX session (it is reopened when another image comes)."""
+        if self._vision is not None:
+            self._vision.close()
+            self._vision = None
+
+    # --- prompt and prefill ----------------------------------------------------------------
+
+    def _refs(self, images: Sequence[ImageInput]) -> tuple[tuple[ImageRef, ...], dict[str, ImageInput]]:
+        refs, sources = [], {}
+        for image in images:
+            key = self._key(image)
+            refs.append(ImageRef(key, self.info.n_queries))
+            sources[key] = image
+        return tuple(refs), sources
+
+    def build_prompt(self, images: Sequence[ImageInput], prompt: str, history: Sequence[Turn] = (),
+                     reserve: int = 0) -> tuple[list[Unit], dict[str, ImageInput]]:
+        """Prompt units for a question about ``images`` after ``history``, checked against ``n_ctx``."""
+        refs, sources = self._refs(images)
+        for turn in history:
+            for ref in turn.images:
+                sources.setdefault(ref.key, None)
+        units = self.prompts.build(Turn(prompt, refs), history, n_ctx=self.llm.n_ctx, reserve=reserve)
+        return units, sources
+
+    def _prefill(self, units: list[Unit], sources: dict[str, ImageInput], timings: Timings) -> None:
+        """Bring the KV cache to ``units``: keep the common prefix, evaluate the rest."""
+        keep = 0
+        for have, want in zip(self._context, units, strict=False):
+            if have != want:
+                break
+            keep += 1
+        if keep == len(units):  # identical prompt: re-evaluate the last token to get its logits
+            keep -= 1
+        reused = n_positions(units[:keep])
+        self.llm.truncate(reused)
+        self._context = units[:keep]  # until the rest is in: a failure below leaves a true prefix
+        timings.reused_positions = reused
+        rows = {u.key: self._rows_for(u.key, sources, timings) for u in units[keep:] if isinstance(u, ImageRef)}
+        started = time.perf_counter()
+        run: list[int] = []
+        for unit in units[keep:]:
+            if isinstance(unit, ImageRef):
+                self.llm.eval_tokens(run)
+                run = []
+                self.llm.eval_embeddings(rows[unit.key])
+            else:
+                run.append(unit)
+        self.llm.eval_tokens(run)
+        self._context = list(units)
+        timings.prefill_s += time.perf_counter() - started
+        timings.prefill_positions += n_positions(units) - reused
+
+    def _rows_for(self, key: str, sources: dict[str, ImageInput], timings: Timings) -> np.ndarray:
+        source = sources.get(key)
+        if source is None:
+            rows = self.cache.get(key)
+            if rows is None:
+                raise PromptError("an image of an earlier turn is no longer cached; start a new chat")
+            return rows
+        return self.encode_image(source, timings)
+
+    # --- public API ------------------------------------------------------------------------
+
+    def next_token_logits(self, images: Sequence[ImageInput] = (), prompt: str = "",
+                          history: Sequence[Turn] = (), n_positions_limit: int | None = None) -> np.ndarray:
+        """Logits ``(vocab,)`` after the prompt (or after its first ``n_positions_limit`` positions)."""
+        units, sources = self.build_prompt(images, prompt, history)
+        if n_positions_limit is not None:
+            units = _cut_units(units, n_positions_limit)
+        self._prefill(units, sources, Timings())
+        return self.llm.last_logits()
+
+    def prompt_ids(self, images: Sequence[ImageInput] = (), prompt: str = "",
+                   history: Sequence[Turn] = ()) -> list[int]:
+        """The prompt's ids with -1 at image-row positions (no evaluation)."""
+        from qwenvl_edge.runtime.prompt import ids_with_image_slots
+
+        return ids_with_image_slots(self.build_prompt(images, prompt, history)[0])
+
+    def generate(self, images: Sequence[ImageInput] = (), prompt: str = "", history: Sequence[Turn] = (),
+                 max_tokens: int | None = None, temperature: float = 1.0, top_p: float | None = None,
+                 stream: bool = False) -> GenerationResult | Iterator[str]:
+        """Answer ``prompt`` about ``images``; greedy when ``temperature`` is 0.
+
+        Returns a ``GenerationResult``, or with ``stream=True`` an iterator of text pieces
+        whose result is in ``self.last_result`` once it is exhausted.
+        """
+        pieces = self._generate(list(images), prompt, list(history), max_tokens, temperature, top_p)
+        if stream:
+            return pieces
+        for _ in pieces:
+            pass
+        return self.last_result
+
+    def chat(self, prompt: str, images: Sequence[ImageInput] = (), **kwargs) -> GenerationResult | Iterator[str]:
+        """One turn of a conversation that remembers earlier turns (and keeps their KV cache)."""
+        kwargs.setdefault("stream", False)
+        stream = kwargs["stream"]
+        result = self.generate(images, prompt, self.history, **kwargs)
+        refs, _ = self._refs(images)
+
+        def remember(answer: str) -> None:
+            self.history.append(Turn(prompt, refs, answer))
+
+        if not stream:
+            remember(result.text)
+            return result
+
+        def streamed() -> Iterator[str]:
+            yield from result
+            remember(self.last_result.text)
+        return streamed()
+
+    def reset(self) -> None:
+        """Forget the conversation (history and KV cache)."""
+        self.history.clear()
+        self._context.clear()
+        self._boxes_size = None
+        self.llm.truncate(0)
+
+    def _generate(self, images: list[ImageInput], prompt: str, history: list[Turn], max_tokens: int | None,
+                  temperature: float, top_p: float | None) -> Iterator[str]:
+        started = time.perf_counter()
+        timings = Timings()
+        budget = max_tokens if max_tokens is not None else self.info.max_new_tokens
+        if budget < 1:
+            raise PromptError(f"max_tokens must be at least 1, got {budget}")
+        units, sources = self.build_prompt(images, prompt, history, reserve=1)
+        sizes = [display_size(image) for image in images]
+        if sizes:
+            self._boxes_size = sizes[0]
+        self._prefill(units, sources, timings)
+        sampler = self.llm.make_sampler(temperature, self.info.top_p if top_p is None else top_p, self.info.top_k)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        ids: list[int] = []
+        text: list[str] = []
+        stop_reason = "max_tokens"
+        decode_started = None
+        while len(ids) < budget:
+            token = self.llm.sample(sampler)
+            if decode_started is None:
+                decode_started = time.perf_counter()
+                timings.ttft_s = decode_started - started
+            if token in self.info.stop_ids:
+                stop_reason = "stop_token"
+                break
+            ids.append(token)
+            piece = decoder.decode(self.llm.token_bytes(token))
+            if piece:
+                text.append(piece)
+                yield piece
+            if self.llm.n_past >= self.llm.n_ctx:
+                stop_reason = "context_full"
+                break
+            if len(ids) < budget:
+                self.llm.eval_tokens([token])
+                self._context.append(token)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            text.append(tail)
+            yield tail
+        timings.decode_tokens = len(ids)
+        timings.decode_s = time.perf_counter() - decode_started if decode_started else 0.0
+        answer = "".join(text)
+        boxes = parse_boxes(answer, *self._boxes_size) if self._boxes_size else []
+        self.last_result = GenerationResult(answer, ids, boxes, timings, n_positions(units), stop_reason, sizes)
+
+    def close(self) -> None:
+        self.release_vision()
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    def __enter__(self) -> QwenVL:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def display_size(image: ImageInput) -> tuple[int, int]:
+    """Width and height as the model sees the image: after EXIF rotation, without decoding pixels."""
+    if isinstance(image, Image.Image):
+        return image.size
+    try:
+        with Image.open(image) as im:
+            width, height = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return (0, 0)  # load_image reports the real problem when the image is encoded
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _cut_units(units: list[Unit], limit: int) -> list[Unit]:
+    """The leading units that cover exactly ``limit`` positions (an image is never cut in two)."""
+    out: list[Unit] = []
+    for unit in units:
+        if n_positions(out) >= limit:
+            break
+        out.append(unit)
+    if n_positions(out) != limit:
+        raise PromptError(f"position {limit} falls inside an image")
+    return out
