@@ -162,3 +162,16 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path: Path, capsys: pytest.Captur
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("qwenvl-edge: error: ") and err.count("\n") == 1
+
+
+def test_reads_a_file_written_by_torch() -> None:
+    """A file torch.save wrote (torch 2.13, committed with its values): views, offsets and dtypes."""
+    from qwenvl_edge.export.torch_zip_io import read_torch_zip
+
+    data = Path(__file__).parent / "data"
+    records = read_torch_zip(data / "torch_written.bin")
+    with np.load(data / "torch_written_expected.npz") as expected:
+        assert set(records) == set(expected.files)
+        for name, record in records.items():
+            np.testing.assert_array_equal(record.f32(), expected[name], err_msg=name)
+    assert records["transposed_f32"].stride == (1, 4) and records["offset_view"].storage_offset == 3
