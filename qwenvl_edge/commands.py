@@ -22,8 +22,8 @@ DISCLAIMER = ("(random weights: the demo model is built from noise, so its answe
 class ProgressPrinter:
     """Prints export progress: stage, item k/n, elapsed, and time left estimated within the stage."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
         self.started = time.monotonic()
         self.stage = ""
         self.stage_started = self.started
@@ -101,11 +101,11 @@ def _sampling(a: argparse.Namespace) -> dict:
     return {"max_tokens": a.max_tokens, "temperature": 0.0 if a.greedy else a.temperature, "top_p": a.top_p}
 
 
-def _print_timings(result, stream=sys.stderr) -> None:
+def _print_timings(result) -> None:
     t = result.timings
     print(f"[image encode {t.image_encode_s:.2f} s ({t.images_encoded} encoded, {t.images_from_cache} cached), "
           f"prefill {t.prefill_positions} pos in {t.prefill_s:.2f} s, first token {t.ttft_s:.2f} s, "
-          f"decode {t.decode_tokens} tok at {t.decode_tok_s:.1f} tok/s]", file=stream)
+          f"decode {t.decode_tokens} tok at {t.decode_tok_s:.1f} tok/s]", file=sys.stderr)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
