@@ -27,7 +27,7 @@ class ProgressPrinter:
         self.started = time.monotonic()
         self.stage = ""
         self.stage_started = self.started
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
     def __call__(self, message: str) -> None:
         now = time.monotonic()
