@@ -27,11 +27,18 @@ def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even, as torch does."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-    return (rounded >> np.uint32(16)).astype(np.uint16)
+def f32_to_bf16_bits(x: np.ndarray, block: int = 1 << 24) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even, as torch does.
+
+    Works in blocks so a 2.5 GB float32 tensor needs no full-size uint32 temporaries.
+    """
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
+    out = np.empty(flat.shape, dtype=np.uint16)
+    for start in range(0, flat.size, block):
+        u = flat[start:start + block]
+        rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+        out[start:start + block] = rounded >> np.uint32(16)
+    return out.reshape(np.shape(x))
 
 
 @dataclass(frozen=True)
