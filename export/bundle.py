@@ -78,15 +78,19 @@ def export_vision(reader: CheckpointReader, work: Path, opts: ExportOptions, pro
 
 
 def export_llm(reader: CheckpointReader, work: Path, opts: ExportOptions, progress: Progress) -> dict:
-    """Write ``llm.gguf`` into ``work``: float types directly, quantized types through an F16 pass."""
+    """Write ``llm.gguf`` into ``work``: float types directly, quantized types through a BF16 pass.
+
+    BF16 holds the checkpoint's exact bits (it is stored as bf16), cannot overflow as F16 can,
+    and the k-quants made from it equal those made from F32.
+    """
     from qwenvl_edge.export.llm_gguf import write_llm_gguf
     from qwenvl_edge.quant.gguf_quant import quantize_gguf
 
     if opts.llm in FLOAT_GGUF_TYPES:
         write_llm_gguf(reader, work / LLM_FILE, opts.llm, progress)
     else:
-        source = work / "llm-f16.gguf.tmp"
-        write_llm_gguf(reader, source, "F16", progress)
+        source = work / "llm-bf16.gguf.tmp"
+        write_llm_gguf(reader, source, "BF16", progress)
         progress(f"llm: quantizing to {opts.llm}")
         quantize_gguf(source, work / LLM_FILE, opts.llm, n_threads=opts.n_threads, progress=progress)
         source.unlink()
