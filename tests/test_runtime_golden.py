@@ -1,7 +1,7 @@
 """The runtime against the original implementation: prompt ids, logits and greedy ids on every golden case.
 
 F32 LLM + FP32 vision bundle from the tiny golden checkpoint. Tolerances (golden/README.md):
-logits within LOGITS_ATOL max abs (llama.cpp F32 vs torch F32, logits have std ~2.4), greedy ids equal.
+logits within LOGITS_ATOL max abs (llama.cpp F32 weights, F16 KV cache, vs torch F32), greedy ids equal.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from qwenvl_edge.runtime.pipeline import QwenVL
 
-LOGITS_ATOL = 0.05
+LOGITS_ATOL = 0.02  # measured: at most 0.0072 (text_only, llama.cpp F16 KV cache); most cases ~0.001
 
 
 @pytest.fixture(scope="module")
