@@ -100,7 +100,10 @@ def export_llm(reader: CheckpointReader, work: Path, opts: ExportOptions, progre
 def check_options(opts: ExportOptions) -> None:
     """Refuse bad choices before any long work starts."""
     from qwenvl_edge.quant.gguf_quant import LLM_TYPES
+    from qwenvl_edge.quant.onnx_int8 import SCHEMES
 
+    if opts.vision_scheme is not None and opts.vision_scheme not in SCHEMES:
+        raise QwenVLError(f"--vision-scheme {opts.vision_scheme!r}: choose one of {', '.join(SCHEMES)}")
     if opts.vision not in VISION_PRECISIONS:
         raise QwenVLError(f"--vision {opts.vision!r}: choose {' or '.join(VISION_PRECISIONS)}")
     if opts.llm not in LLM_TYPES:

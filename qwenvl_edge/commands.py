@@ -69,9 +69,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     manifest = json.loads((out / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
         print(f"{entry['bytes'] / 2**20:10.1f} MiB  {out / name}")
-    quality = manifest["vision"].get("quality")
-    if quality:
-        print("vision INT8 vs FP32:", json.dumps(quality.get("summary", quality)))
+    report = manifest["vision"].get("quality")
+    if report:
+        from qwenvl_edge.quant.vision_quality import format_quality
+
+        print(f"vision INT8 ({report.get('scheme')}) vs FP32 rows:")
+        print(format_quality(report["quality"]))
     return 0
 
 

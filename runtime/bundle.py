@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenvl_edge.errors import BundleError
+from qwenvl_edge.runtime.preprocess import IMAGE_MEAN, IMAGE_STD
 
 BUNDLE_FORMAT = "qwenvl-edge-bundle"
 BUNDLE_VERSION = 1
@@ -25,8 +26,6 @@ LLM_FILE = "llm.gguf"
 ENV_BUNDLE = "QWENVL_EDGE_BUNDLE"
 
 SYSTEM_PROMPT = "You are a helpful assistant."
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
