@@ -16,11 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenvl_edge.export.checkpoint import CheckpointReader
-from qwenvl_edge.runtime.bundle import LLM_FILE, VISION_FILE, ModelInfo, make_manifest
-
 from qwenvl_edge import __version__
 from qwenvl_edge.errors import QwenVLError
+from qwenvl_edge.export.checkpoint import CheckpointReader
+from qwenvl_edge.runtime.bundle import LLM_FILE, VISION_FILE, ModelInfo, make_manifest
 
 log = logging.getLogger(__name__)
 

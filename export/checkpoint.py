@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from qwenvl_edge.errors import CheckpointError
 from qwenvl_edge.export.config import QwenConfig
 from qwenvl_edge.export.safetensors_io import read_safetensors
 from qwenvl_edge.export.tensor_record import TensorRecord
 from qwenvl_edge.export.torch_zip_io import read_torch_zip
-
-from qwenvl_edge.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

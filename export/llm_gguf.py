@@ -24,12 +24,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+
+from qwenvl_edge.errors import CheckpointError, QwenVLError
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.config import QwenConfig
 from qwenvl_edge.export.gguf_vocab import add_vocab, build_gguf_vocab
 from qwenvl_edge.export.tensor_record import TensorRecord, bf16_bits_to_f32, f32_to_bf16_bits
-
-from qwenvl_edge.errors import CheckpointError, QwenVLError
 
 log = logging.getLogger(__name__)
 

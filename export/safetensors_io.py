@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-from qwenvl_edge.export.tensor_record import RAW_DTYPES, TensorRecord
 
 from qwenvl_edge.errors import CheckpointError
+from qwenvl_edge.export.tensor_record import RAW_DTYPES, TensorRecord
 
 MAX_HEADER_BYTES = 100 * 2**20
 

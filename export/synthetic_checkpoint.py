@@ -22,12 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from qwenvl_edge.errors import QwenVLError
 from qwenvl_edge.export.config import QwenConfig
 from qwenvl_edge.export.safetensors_io import write_safetensors
 from qwenvl_edge.export.tensor_record import f32_to_bf16_bits
 from qwenvl_edge.export.torch_zip_io import write_torch_zip
-
-from qwenvl_edge.errors import QwenVLError
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=2, intermediate_size=1024,

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from qwenvl_edge.export.tensor_record import RAW_DTYPES, TensorRecord
 
 from qwenvl_edge.errors import CheckpointError
+from qwenvl_edge.export.tensor_record import RAW_DTYPES, TensorRecord
 
 STORAGE_DTYPES = {"BFloat16Storage": "BF16", "HalfStorage": "F16", "FloatStorage": "F32"}
 ALIGN = 64  # torch aligns each storage record to 64 bytes, which keeps mmaps aligned

@@ -56,7 +56,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="the downloaded Qwen-VL-Chat folder")
     p.add_argument("out", type=Path, help="the bundle folder to write")
     p.add_argument("--vision", choices=["int8", "fp32"], default="int8")
-    p.add_argument("--vision-scheme", default=None, help="INT8 scheme: dynamic (default), dynamic-u8, dynamic-per-tensor or static")
+    p.add_argument("--vision-scheme", default=None,
+                   help="INT8 scheme: dynamic (default), dynamic-u8, dynamic-per-tensor or static")
     p.add_argument("--calibration-image", action="append", type=Path,
                    help="an image for static INT8 calibration (repeatable)")
     p.add_argument("--llm", default="Q4_K_M", help="Q4_K_M (default), Q4_0, Q5_K_M, Q8_0, F16, BF16 or F32")

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from qwenvl_edge.errors import BundleError, PromptError
 from qwenvl_edge.runtime.boxes import Box, parse_boxes
 from qwenvl_edge.runtime.bundle import Bundle
 from qwenvl_edge.runtime.embedding_cache import ImageEmbeddingCache, default_cache_dir, image_key
 from qwenvl_edge.runtime.llm import LlamaRunner
 from qwenvl_edge.runtime.prompt import ImageRef, PromptBuilder, Turn, Unit, n_positions
-
-from qwenvl_edge.errors import BundleError, PromptError
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from qwenvl_edge.runtime.bundle import ModelInfo
-
 from qwenvl_edge.errors import PromptError
+from qwenvl_edge.runtime.bundle import ModelInfo
 
 Tokenize = Callable[[str], list[int]]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "tiny"

@@ -14,6 +14,7 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
+
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.llm_gguf import write_llm_gguf
 from qwenvl_edge.quant.gguf_quant import quantize_gguf

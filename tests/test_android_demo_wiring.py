@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnxruntime
 import pytest
+
 from qwenvl_edge.runtime.bundle import LLM_FILE, VISION_FILE, ModelInfo, make_manifest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from qwenvl_edge.cli import main
+from qwenvl_edge.errors import CheckpointError
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.safetensors_io import write_safetensors
 from qwenvl_edge.export.synthetic_checkpoint import make_tensor, write_checkpoint
 from qwenvl_edge.export.tensor_record import bf16_bits_to_f32, f32_to_bf16_bits
-
-from qwenvl_edge.cli import main
-from qwenvl_edge.errors import CheckpointError
 from tests.conftest import GOLDEN_DIR
 
 

@@ -9,9 +9,9 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
-from qwenvl_edge.quant.gguf_quant import LLM_TYPES, quantize_gguf
 
 from qwenvl_edge.errors import QwenVLError
+from qwenvl_edge.quant.gguf_quant import LLM_TYPES, quantize_gguf
 from tests.gguf_builds import float_gguf, greedy, load_llama, quantized_gguf, read_gguf_metadata, read_gguf_tensors
 
 GOLDEN_CASE = "text_only"

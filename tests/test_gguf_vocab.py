@@ -13,6 +13,9 @@ import gguf
 import llama_cpp
 import pytest
 import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+from qwenvl_edge.errors import CheckpointError
 from qwenvl_edge.export.gguf_vocab import (
     SPECIAL_TOKENS,
     build_gguf_vocab,
@@ -22,9 +25,6 @@ from qwenvl_edge.export.gguf_vocab import (
     recover_merges,
 )
 from qwenvl_edge.export.synthetic_checkpoint import find_tiktoken
-from tiktoken.load import load_tiktoken_bpe
-
-from qwenvl_edge.errors import CheckpointError
 from tests.gguf_builds import float_gguf, token_piece
 from tests.text_corpus import CORPUS
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+
+from qwenvl_edge.errors import CheckpointError, QwenVLError
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.llm_gguf import convert_tensor, expected_gguf_names, write_llm_gguf
 from qwenvl_edge.export.safetensors_io import read_safetensors, write_safetensors
 from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
 from qwenvl_edge.export.tensor_record import f32_to_bf16_bits
-
-from qwenvl_edge.errors import CheckpointError, QwenVLError
 from tests.gguf_builds import float_gguf, greedy, load_llama, read_gguf_metadata, read_gguf_tensors
 
 GOLDEN_CASE = "text_only"

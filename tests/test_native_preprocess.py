@@ -19,6 +19,7 @@ import numpy as np
 import PIL
 import pytest
 from PIL import Image
+
 from qwenvl_edge.runtime.preprocess import preprocess_image
 
 NATIVE = Path(__file__).resolve().parents[1] / "native"

@@ -75,7 +75,8 @@ def test_box_parses_to_pixels() -> None:
 
 
 def test_several_boxes_share_the_last_label() -> None:
-    boxes = parse_boxes("<ref>cats</ref><box>(0,0),(10,10)</box><box>(20,20),(1000,1000)</box> <box>(1,2),(3,4)", 100, 100)
+    text = "<ref>cats</ref><box>(0,0),(10,10)</box><box>(20,20),(1000,1000)</box> <box>(1,2),(3,4)"
+    boxes = parse_boxes(text, 100, 100)
     assert [b.label for b in boxes] == ["cats", "cats"] and boxes[1].pixels == (2.0, 2.0, 100.0, 100.0)
 
 
