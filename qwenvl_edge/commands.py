@@ -20,7 +20,11 @@ DISCLAIMER = ("(random weights: the demo model is built from noise, so its answe
 
 
 class ProgressPrinter:
-    """Prints export progress: stage, item k/n, elapsed, and time left estimated within the stage."""
+    """Prints export progress: elapsed time, the stage's message, and time left while a k/n count runs.
+
+    A stage is the text before its ``k/n`` counter ("vision: block 3/48" -> "vision: block "), so
+    the estimate restarts whenever a new counted stage begins.
+    """
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -31,22 +35,19 @@ class ProgressPrinter:
 
     def __call__(self, message: str) -> None:
         now = time.monotonic()
-        stage = message.split(":", 1)[0]
+        m = re.search(r"(\d+)/(\d+)", message)
+        stage = message[:m.start()] if m else message
         if stage != self.stage:
             self.stage, self.stage_started = stage, now
         left = ""
-        m = re.search(r"(\d+)/(\d+)", message)
-        if m and int(m.group(1)) > 0:
+        if m and 0 < int(m.group(1)) < int(m.group(2)):
             done, total = int(m.group(1)), int(m.group(2))
-            rate = (now - self.stage_started) / done
-            left = f", ~{rate * (total - done):.0f} s left in {stage}"
+            left = f" (~{(now - self.stage_started) / done * (total - done):.0f} s left)"
         line = f"[{now - self.started:7.1f} s] {message}{left}"
-        if self.tty:
+        if self.tty and m and m.group(1) != m.group(2):  # redraw one line while a count runs
             self.stream.write("\r\033[K" + line)
-            if not m or (m and m.group(1) == m.group(2)):
-                self.stream.write("\n")
         else:
-            self.stream.write(line + "\n")
+            self.stream.write(("\r\033[K" if self.tty else "") + line + "\n")
         self.stream.flush()
 
 
