@@ -54,17 +54,36 @@ def model_info(reader: CheckpointReader) -> ModelInfo:
     )
 
 
-def export_vision(reader: CheckpointReader, work: Path, opts: ExportOptions, progress: Progress) -> dict:
+class StageClock:
+    """Start/end seconds of each export stage, kept in the manifest (the benchmark reads them)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.stages: dict[str, list[float]] = {}
+
+    def start(self, name: str) -> None:
+        self.stages[name] = [round(time.monotonic() - self.started, 3)]
+
+    def end(self, name: str) -> None:
+        self.stages[name].append(round(time.monotonic() - self.started, 3))
+
+
+def export_vision(reader: CheckpointReader, work: Path, opts: ExportOptions, progress: Progress,
+                  clock: StageClock) -> dict:
     """Write ``vision.onnx`` (and maybe ``vision_fp32.onnx``) into ``work``; return the manifest section."""
     from qwenvl_edge.export.vision_onnx import build_vision_onnx
 
+    clock.start("vision_fp32")
     if opts.vision == "fp32":
         build_vision_onnx(reader, work / VISION_FILE, progress)
+        clock.end("vision_fp32")
         return {"file": VISION_FILE, "precision": "fp32", "input": "pixel_values", "output": "image_embeds"}
     from qwenvl_edge.quant.onnx_int8 import quantize_vision
 
     fp32 = work / "vision_fp32.onnx"
     build_vision_onnx(reader, fp32, progress)
+    clock.end("vision_fp32")
+    clock.start("vision_int8")
     progress("vision: quantizing to INT8")
     kwargs = {"scheme": opts.vision_scheme} if opts.vision_scheme else {}
     report = quantize_vision(fp32, work / VISION_FILE, calibration_images=list(opts.calibration_images) or None,
@@ -72,11 +91,13 @@ def export_vision(reader: CheckpointReader, work: Path, opts: ExportOptions, pro
     if not opts.keep_fp32_vision:
         for part in work.glob("vision_fp32.onnx*"):
             part.unlink()
+    clock.end("vision_int8")
     return {"file": VISION_FILE, "precision": "int8", "input": "pixel_values", "output": "image_embeds",
             "quality": report, **({"fp32_file": fp32.name} if opts.keep_fp32_vision else {})}
 
 
-def export_llm(reader: CheckpointReader, work: Path, opts: ExportOptions, progress: Progress) -> dict:
+def export_llm(reader: CheckpointReader, work: Path, opts: ExportOptions, progress: Progress,
+               clock: StageClock) -> dict:
     """Write ``llm.gguf`` into ``work``: float types directly, quantized types through a BF16 pass.
 
     BF16 holds the checkpoint's exact bits (it is stored as bf16), cannot overflow as F16 can,
@@ -85,14 +106,19 @@ def export_llm(reader: CheckpointReader, work: Path, opts: ExportOptions, progre
     from qwenvl_edge.export.llm_gguf import write_llm_gguf
     from qwenvl_edge.quant.gguf_quant import quantize_gguf
 
+    clock.start("llm_gguf")
     if opts.llm in FLOAT_GGUF_TYPES:
         write_llm_gguf(reader, work / LLM_FILE, opts.llm, progress)
+        clock.end("llm_gguf")
     else:
         source = work / "llm-bf16.gguf.tmp"
         write_llm_gguf(reader, source, "BF16", progress)
+        clock.end("llm_gguf")
+        clock.start("llm_quant")
         progress(f"llm: quantizing to {opts.llm}")
         quantize_gguf(source, work / LLM_FILE, opts.llm, n_threads=opts.n_threads, progress=progress)
         source.unlink()
+        clock.end("llm_quant")
     return {"file": LLM_FILE, "type": opts.llm, "bytes": (work / LLM_FILE).stat().st_size}
 
 
@@ -124,14 +150,17 @@ def export_bundle(checkpoint: Path, out: Path, opts: ExportOptions = ExportOptio
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    started = time.monotonic()
+    clock = StageClock()
     try:
-        vision = export_vision(reader, work, opts, progress)
-        llm = export_llm(reader, work, opts, progress)
+        vision = export_vision(reader, work, opts, progress, clock)
+        llm = export_llm(reader, work, opts, progress, clock)
+        clock.start("checksums")
         progress("bundle: checksums")
         source = {"checkpoint": str(Path(checkpoint).resolve()), "config": reader.config.to_dict(),
                   "weight_files": [p.name for p in reader.files]}
         manifest = make_manifest(work, model_info(reader), vision, llm, source, f"qwenvl-edge {__version__}")
+        clock.end("checksums")
+        manifest["export"] = {"stage_seconds": clock.stages}
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
@@ -139,5 +168,5 @@ def export_bundle(checkpoint: Path, out: Path, opts: ExportOptions = ExportOptio
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    progress(f"bundle: done in {time.monotonic() - started:.1f} s -> {out}")
+    progress(f"bundle: done in {time.monotonic() - clock.started:.1f} s -> {out}")
     return out

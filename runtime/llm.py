@@ -66,7 +66,10 @@ class LlamaRunner:
             with _quiet_stderr(not verbose):
                 self.llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
                                              n_ubatch=min(n_batch, n_ctx), n_threads=threads,
-                                             n_threads_batch=threads, seed=seed, verbose=verbose)
+                                             n_threads_batch=threads, seed=seed, verbose=verbose,
+                                             # off, as the golden parity was measured: flash attention
+                                             # reorders sums and flips near-ties (one_image, step 9)
+                                             flash_attn=False)
         except (ValueError, RuntimeError) as e:
             raise BundleError(f"{path}: llama.cpp cannot load it ({e})") from None
         self.seed = seed
