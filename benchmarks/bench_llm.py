@@ -1,0 +1,122 @@
+"""Prefill and decode on the bundle's GGUF: an image prompt vs plain text of the same length.
+
+Both prompts go through the same ``LlamaRunner`` on the same file and context, so the ratios
+isolate what the image rows cost. Decode is also compared with the memory-bandwidth bound:
+bytes of weights read per token / measured copy bandwidth.
+Run as its own process: ``python -m benchmarks.bench_llm BUNDLE --json OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qwenvl_edge.runtime.bundle import Bundle
+from qwenvl_edge.runtime.llm import LlamaRunner
+from qwenvl_edge.runtime.prompt import ImageRef, PromptBuilder, Turn, n_positions
+
+QUESTION = "Describe this picture in detail, and read any text you can see."
+FILLER = ("The quick brown fox jumps over the lazy dog near the river bank, while a small boat drifts "
+          "past the old stone bridge and children wave from the shore. ")
+DECODE_TOKENS = 32
+
+
+def text_tokens(runner: LlamaRunner, n: int) -> list[int]:
+    """Exactly ``n`` ids of ordinary English text."""
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += runner.tokenize_plain(FILLER)
+    return ids[:n]
+
+
+def prefill(runner: LlamaRunner, units: list, rows: np.ndarray) -> float:
+    runner.truncate(0)
+    started = time.perf_counter()
+    run: list[int] = []
+    for unit in units:
+        if isinstance(unit, ImageRef):
+            runner.eval_tokens(run)
+            run = []
+            runner.eval_embeddings(rows)
+        else:
+            run.append(unit)
+    runner.eval_tokens(run)
+    return time.perf_counter() - started
+
+
+def decode(runner: LlamaRunner, n: int) -> float:
+    """Seconds per token for ``n`` greedy tokens (stop tokens ignored: the rate is what counts)."""
+    sampler = runner.make_sampler(0.0, 1.0)
+    started = time.perf_counter()
+    for _ in range(n):
+        runner.eval_tokens([runner.sample(sampler)])
+    return (time.perf_counter() - started) / n
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> float:
+    """Bytes per second moved by a large memcpy (read + write), the bound decode cannot beat."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - started)
+    return 2 * nbytes / min(times)
+
+
+def weight_bytes_per_token(gguf_path: Path) -> int:
+    """Every tensor is read once per token except the embedding table (one row)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+
+
+def measure(bundle_dir: Path, runs: int, threads: int | None) -> dict:
+    bundle = Bundle.open(bundle_dir)
+    runner = LlamaRunner(bundle.llm_path, n_ctx=2048, n_threads=threads)
+    rows = np.random.default_rng(0).standard_normal((bundle.model.n_queries, runner.n_embd)).astype(np.float32)
+    builder = PromptBuilder(bundle.model, runner.tokenize_plain)
+    image_units = builder.build(Turn(QUESTION, (ImageRef("bench", bundle.model.n_queries),)))
+    n = n_positions(image_units)
+    text_units = text_tokens(runner, n)
+    result: dict = {"prompt_positions": n, "decode_tokens": DECODE_TOKENS, "llm_runs": runs}
+    for name, units in (("image", image_units), ("text", text_units)):
+        prefill_s, decode_s = [], []
+        prefill(runner, units, rows)  # warm-up: pages the weights in, allocates compute buffers
+        for _ in range(runs):
+            prefill_s.append(prefill(runner, units, rows))
+            decode_s.append(decode(runner, DECODE_TOKENS))
+        result[f"prefill_{name}_tok_s"] = n / statistics.median(prefill_s)
+        result[f"decode_{name}_tok_s"] = 1 / statistics.median(decode_s)
+    runner.close()
+    result["prefill_ratio_vs_text"] = result["prefill_image_tok_s"] / result["prefill_text_tok_s"]
+    result["decode_ratio_vs_text"] = result["decode_image_tok_s"] / result["decode_text_tok_s"]
+    result["decode_tok_s"] = result["decode_image_tok_s"]
+    bandwidth = copy_bandwidth()
+    per_token = weight_bytes_per_token(bundle.llm_path)
+    result.update({"copy_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes_per_token_gb": per_token / 1e9,
+                   "decode_bound_tok_s": bandwidth / per_token})
+    result["decode_fraction_of_bound"] = result["decode_tok_s"] / result["decode_bound_tok_s"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, required=True)
+    a = ap.parse_args(argv)
+    a.json.write_text(json.dumps(measure(a.bundle, a.runs, a.threads), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""RESULTS.md, results.json and a time-breakdown plot from one benchmark run."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+# key, target, higher is better, what
+TARGETS = [
+    ("decode_ratio_vs_text", 0.97, True, "decode tok/s after an image / plain-text decode (same GGUF)"),
+    ("prefill_ratio_vs_text", 0.95, True, "image-row prefill rate / text prefill rate"),
+    ("vision_int8_speedup_vs_fp32", 2.0, True, "INT8 vision speed-up over FP32 ONNX"),
+    ("vision_int8_mean_cosine", 0.99, True, "INT8 rows vs FP32 rows, mean cosine"),
+    ("export_peak_rss_gb", 20.0, False, "export peak RSS (GB)"),
+    ("run_peak_rss_over_gguf_gb", 2.5, False, "`run` peak RSS minus GGUF size (GB)"),
+]
+
+
+def machine() -> dict:
+    import llama_cpp
+    import onnxruntime
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal"))
+    import os
+
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(mem / 1e6, 1),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "llama_cpp_python": llama_cpp.__version__}
+
+
+def target_rows(results: dict) -> list[str]:
+    rows = ["| measure | target | measured | met |", "| --- | --- | --- | --- |"]
+    for key, target, higher, what in TARGETS:
+        value = results.get(key)
+        if value is None:
+            rows.append(f"| {what} (`{key}`) | {'>=' if higher else '<='} {target} | not measured | - |")
+            continue
+        met = value >= target if higher else value <= target
+        gap = "" if met else f" (missed by {abs(value - target):.3g})"
+        rows.append(f"| {what} (`{key}`) | {'>=' if higher else '<='} {target} | {value:.3f} | "
+                    f"{'yes' if met else 'no' + gap} |")
+    return rows
+
+
+def plot_breakdown(results: dict, out: Path) -> Path:
+    """Horizontal stacked bar: where the seconds to the first token go, then 16 decoded tokens."""
+    run = results["run_kept"]
+    parts = [("load", run["load_s"], "#9e9e9e"), ("image encode (INT8)", run["image_encode_s"], "#4363d8"),
+             ("prefill", run["prefill_s"], "#f58231"),
+             ("16 tokens decode", 16 / max(run["decode_tok_s"], 1e-9), "#3cb44b")]
+    total = sum(p[1] for p in parts)
+    width, height, left = 900, 220, 20
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 10), f"qwenvl-edge run, {results['preset']} model: {total:.1f} s for the first 16 tokens",
+              fill="black")
+    x = left
+    scale = (width - 2 * left) / total
+    for i, (name, seconds, color) in enumerate(parts):
+        w = seconds * scale
+        draw.rectangle([x, 50, x + w, 110], fill=color)
+        draw.rectangle([left + 200 * i, 140, left + 200 * i + 14, 154], fill=color)
+        draw.text((left + 200 * i + 20, 141), f"{name}: {seconds:.2f} s", fill="black")
+        x += w
+    image.save(out)
+    return out
+
+
+def write_report(results: dict, folder: Path) -> None:
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot = plot_breakdown(results, folder / "time_breakdown.png")
+    m, e = results["machine"], results["export"]
+    lines = [
+        "# qwenvl-edge benchmark results", "",
+        f"Preset `{results['preset']}` (random weights, real shapes), {results['runs']} runs per timing (medians).",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; onnxruntime {m['onnxruntime']}, "
+        f"llama-cpp-python {m['llama_cpp_python']}, Python {m['python']}. Threads: all cores.",
+        "Reproduce: `python -m benchmarks.run_benchmarks` (see benchmarks/README.md).", "",
+        "## Targets", "", *target_rows(results), "",
+        "## Speed", "",
+        "| what | value |", "| --- | --- |",
+        f"| vision encode per image, FP32 ONNX | {results['vision_fp32_s']:.2f} s |",
+        f"| vision encode per image, INT8 ONNX | {results['vision_int8_s']:.2f} s |",
+        f"| INT8 rows vs FP32, mean / min cosine | {results['vision_int8_mean_cosine']:.4f} / "
+        f"{results['vision_int8_min_cosine']:.4f} |",
+        f"| prefill, image prompt ({results['prompt_positions']} positions) | "
+        f"{results['prefill_image_tok_s']:.1f} pos/s |",
+        f"| prefill, text prompt (same length) | {results['prefill_text_tok_s']:.1f} tok/s |",
+        f"| decode after the image prompt | {results['decode_image_tok_s']:.2f} tok/s |",
+        f"| decode after the text prompt | {results['decode_text_tok_s']:.2f} tok/s |",
+        f"| memory-bandwidth bound ({results['weight_bytes_per_token_gb']:.2f} GB/token at "
+        f"{results['copy_bandwidth_gb_s']:.1f} GB/s copy) | {results['decode_bound_tok_s']:.2f} tok/s "
+        f"(decode reaches {100 * results['decode_fraction_of_bound']:.0f}%) |", "",
+        "## `qwenvl-edge run` end to end (fresh process, one image, 16 greedy tokens)", "",
+        "| vision session | time to first token | of which load / encode / prefill | decode | peak RSS | "
+        "RSS - GGUF |", "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode in ("kept", "released"):
+        r = results[f"run_{mode}"]
+        lines.append(f"| {mode} | {r['ttft_s']:.2f} s | {r['load_s']:.2f} / {r['image_encode_s']:.2f} / "
+                     f"{r['prefill_s']:.2f} s | {r['decode_tok_s']:.2f} tok/s | {r['peak_rss_gb']:.2f} GB | "
+                     f"{r['peak_rss_over_gguf_gb']:.2f} GB |")
+    lines += ["", f"![time breakdown]({plot.name})", "", "## Export", "",
+              f"Whole export: {e['wall_s']:.0f} s, peak RSS {e['peak_rss_gb']:.2f} GB.", "",
+              "| stage | wall | peak RSS |", "| --- | --- | --- |"]
+    if results.get("checkpoint"):
+        c = results["checkpoint"]
+        lines.append(f"| write the random checkpoint (`synth`) | {c['wall_s']:.0f} s | {c['peak_rss_gb']:.2f} GB |")
+    for name, s in e["stages"].items():
+        lines.append(f"| {name} | {s['wall_s']:.0f} s | {s['peak_rss_gb']:.2f} GB |")
+    lines += ["", "| bundle file | size |", "| --- | --- |"]
+    lines += [f"| {name} | {gb:.2f} GB |" for name, gb in e["files_gb"].items()]
+    notes = results.get("notes")
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    (folder / "RESULTS.md").write_text("\n".join(lines) + "\n")
