@@ -154,8 +154,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
         print("qwenvl-edge chat: type a question; /image PATH adds a picture, /reset forgets, /quit ends.",
               file=sys.stderr)
         while True:
+            print("> ", end="", file=sys.stderr, flush=True)  # stdout carries only the answers
             try:
-                line = input("> ")
+                line = input()
             except EOFError:
                 break
             line = line.strip()

@@ -186,3 +186,38 @@ def test_too_many_images_for_the_context(f32_bundle: Path, golden, capsys) -> No
     assert_one_line_error(rc, err, "context")
     with QwenVL(f32_bundle, n_threads=2, n_ctx=512, cache_dir=None) as m, pytest.raises(PromptError):
         m.generate([golden.images["sign"]] * 2, "compare")
+
+
+# --- chat, context budget, demo -----------------------------------------------------------------
+
+def test_chat_command_keeps_the_conversation(f32_bundle: Path, golden, capsys, monkeypatch) -> None:
+    import io
+
+    lines = "What is written on the sign?\n/reset\n\nAnd now?\n/quit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    rc, out, err = run_cli(["chat", "--bundle", str(f32_bundle), "--greedy", "--max-tokens", "4", "--no-cache",
+                            str(golden.images["sign"])], capsys)
+    assert rc == 0, err
+    assert out.count("\n") == 2 and "[conversation forgotten]" in err
+    first_answer = out.splitlines()[0]
+    expected = golden.cases["one_image"]["generated_text"]
+    assert expected.startswith(first_answer) and first_answer
+
+
+def test_old_turns_are_dropped_to_fit(f32_bundle: Path, golden) -> None:
+    from qwenvl_edge.runtime.prompt import ImageRef, Turn
+
+    with QwenVL(f32_bundle, n_threads=2, n_ctx=700, cache_dir=None) as m:
+        old = Turn("What is written on the sign?", (ImageRef("a"),), "a sign")
+        newer = Turn("And this one?", (ImageRef("b"),), "noise")
+        units, _ = m.build_prompt([golden.images["sign"]], "Compare.", [old, newer])
+        keys = [u.key for u in units if isinstance(u, ImageRef)]
+        assert len(keys) == 2 and keys[0] == "b"  # the oldest turn went first, the newest stayed
+        assert n_positions(units) <= 700
+
+
+def test_demo_command(tmp_path: Path, capsys) -> None:
+    rc, out, err = run_cli(["demo", "--dir", str(tmp_path), "--llm", "Q8_0", "--no-cache"], capsys)
+    assert rc == 0, err
+    assert out.strip() and "meaningless" in err and "tok/s" in err
+    assert (tmp_path / "tiny-bundle" / "manifest.json").is_file() and (tmp_path / "demo-boxes.png").is_file()
