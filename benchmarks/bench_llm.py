@@ -8,14 +8,13 @@ Run as its own process: ``python -m benchmarks.bench_llm BUNDLE --json OUT``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.measure_cli import measure_main
 from qwenvl_edge.runtime.bundle import Bundle
 from qwenvl_edge.runtime.llm import LlamaRunner
 from qwenvl_edge.runtime.prompt import ImageRef, PromptBuilder, Turn, n_positions
@@ -108,14 +107,7 @@ def measure(bundle_dir: Path, runs: int, threads: int | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", type=Path, required=True)
-    a = ap.parse_args(argv)
-    a.json.write_text(json.dumps(measure(a.bundle, a.runs, a.threads), indent=2))
-    return 0
+    return measure_main(measure, argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Run as its own process: ``python -m benchmarks.bench_vision BUNDLE --json OUT``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.measure_cli import measure_main
 from qwenvl_edge.quant.calibration import generate_images
 from qwenvl_edge.quant.vision_quality import compare_rows
 from qwenvl_edge.runtime.preprocess import preprocess_image
@@ -53,14 +53,7 @@ def measure(bundle: Path, runs: int, threads: int | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", type=Path, required=True)
-    a = ap.parse_args(argv)
-    a.json.write_text(json.dumps(measure(a.bundle, a.runs, a.threads), indent=2))
-    return 0
+    return measure_main(measure, argv)
 
 
 if __name__ == "__main__":

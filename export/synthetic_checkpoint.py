@@ -1,8 +1,8 @@
 """Random-weight checkpoints in the real Qwen-VL-Chat layout, for tests, the demo and benchmarks.
 
-The tensors are a pure function of (preset, seed, tensor name), the recipe of the golden
-data (``tests/golden/make_checkpoint.py`` documents it), so the ``tiny`` preset at seed 0
-rebuilds the golden checkpoint bit for bit:
+The tensors are a pure function of (preset, seed, tensor name), by the recipe the golden data
+in ``tests/golden`` was made with, so the ``tiny`` preset at seed 0 rebuilds the golden
+checkpoint bit for bit (``tests/golden/tiny/tensors.sha256``):
 
     rng    = numpy.random.default_rng([seed, zlib.crc32(name)])
     values = rng.standard_normal(shape, float32) * std + mean, stored as bf16 (round to even)
