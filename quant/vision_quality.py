@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from qwenvl_edge.quant.calibration import preprocess_all
 from qwenvl_edge.runtime.preprocess import ImageSource
@@ -36,16 +37,25 @@ def compare_rows(reference: np.ndarray, candidate: np.ndarray) -> dict[str, floa
     }
 
 
+def _encode_sets(path: Path, pixel_sets: Mapping[str, np.ndarray], n_threads: int | None) -> dict[str, np.ndarray]:
+    with VisionEncoder(path, n_threads) as encoder:
+        return {name: encoder.encode(batch) for name, batch in pixel_sets.items()}
+
+
 def measure_vision_quality(fp32_path: Path, int8_path: Path, image_sets: Mapping[str, Sequence[ImageSource]],
                            n_threads: int | None = None) -> dict[str, dict[str, float]]:
-    """``{set name: compare_rows(...)}`` for each named image set (e.g. calibration, heldout)."""
-    report: dict[str, dict[str, float]] = {}
-    with VisionEncoder(fp32_path, n_threads) as ref, VisionEncoder(int8_path, n_threads) as quant:
-        for name, images in image_sets.items():
-            pixels = preprocess_all(images, ref.image_size)
-            batch = np.stack(pixels)  # (n, 3, S, S); the encoders run one image at a time
-            report[name] = {"images": len(pixels), **compare_rows(ref.encode(batch), quant.encode(batch))}
-    return report
+    """``{set name: compare_rows(...)}`` for each named image set (e.g. calibration, heldout).
+
+    One session at a time: at full size the FP32 session alone holds its weights and their
+    prepacked copies (over 15 GB), so the INT8 one opens only after it is gone.
+    """
+    header = onnx.load(str(int8_path), load_external_data=False)  # the input shape, not the weights
+    size = header.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    pixel_sets = {name: np.stack(preprocess_all(images, size)) for name, images in image_sets.items()}  # (n,3,S,S)
+    reference = _encode_sets(fp32_path, pixel_sets, n_threads)
+    quantized = _encode_sets(int8_path, pixel_sets, n_threads)
+    return {name: {"images": len(pixel_sets[name]), **compare_rows(reference[name], quantized[name])}
+            for name in pixel_sets}
 
 
 def format_quality(report: Mapping[str, Mapping[str, float]]) -> str:
