@@ -86,14 +86,17 @@ def measure(bundle_dir: Path, runs: int, threads: int | None) -> dict:
     n = n_positions(image_units)
     text_units = text_tokens(runner, n)
     result: dict = {"prompt_positions": n, "decode_tokens": DECODE_TOKENS, "llm_runs": runs}
-    for name, units in (("image", image_units), ("text", text_units)):
-        prefill_s, decode_s = [], []
-        prefill(runner, units, rows)  # warm-up: pages the weights in, allocates compute buffers
-        for _ in range(runs):
-            prefill_s.append(prefill(runner, units, rows))
-            decode_s.append(decode(runner, DECODE_TOKENS))
-        result[f"prefill_{name}_tok_s"] = n / statistics.median(prefill_s)
-        result[f"decode_{name}_tok_s"] = 1 / statistics.median(decode_s)
+    prompts = {"image": image_units, "text": text_units}
+    prefill_s: dict[str, list[float]] = {"image": [], "text": []}
+    decode_s: dict[str, list[float]] = {"image": [], "text": []}
+    prefill(runner, image_units, rows)  # warm-up: pages the weights in, allocates compute buffers
+    for run in range(runs):
+        for name in (("image", "text") if run % 2 == 0 else ("text", "image")):  # alternate: no order bias
+            prefill_s[name].append(prefill(runner, prompts[name], rows))
+            decode_s[name].append(decode(runner, DECODE_TOKENS))
+    for name in prompts:
+        result[f"prefill_{name}_tok_s"] = n / statistics.median(prefill_s[name])
+        result[f"decode_{name}_tok_s"] = 1 / statistics.median(decode_s[name])
     runner.close()
     result["prefill_ratio_vs_text"] = result["prefill_image_tok_s"] / result["prefill_text_tok_s"]
     result["decode_ratio_vs_text"] = result["decode_image_tok_s"] / result["decode_text_tok_s"]

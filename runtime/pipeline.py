@@ -90,18 +90,39 @@ class QwenVL:
         if n_ctx > self.info.seq_length:
             log.warning("n_ctx %d > seq_length %d: llama.cpp has no logn/NTK scaling, answers past %d "
                         "positions differ from the original", n_ctx, self.info.seq_length, self.info.seq_length)
-        self.llm = LlamaRunner(self.bundle.llm_path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=verbose)
-        if self.llm.n_embd != self.info.hidden_size or self.llm.n_vocab != self.info.vocab_size:
-            raise BundleError(f"{self.bundle.llm_path}: width {self.llm.n_embd} / vocab {self.llm.n_vocab}, "
-                              f"manifest says {self.info.hidden_size} / {self.info.vocab_size}: parts from "
-                              "different exports")
-        self.prompts = PromptBuilder(self.info, self.llm.tokenize_plain)
+        self.n_ctx = n_ctx
+        self.seed = seed
+        self.verbose = verbose
+        self._llm: LlamaRunner | None = None  # loaded on first use: images of a turn are encoded first
+        self._prompts: PromptBuilder | None = None
         folder = default_cache_dir() if cache_dir is DEFAULT_CACHE else cache_dir
         self.cache = ImageEmbeddingCache(self.bundle.vision_sha256, folder)
         self.history: list[Turn] = []
         self._vision = None
         self._context: list[Unit] = []  # what the KV cache holds, position by position
         self._boxes_size: tuple[int, int] | None = None  # boxes refer to the newest turn's first image
+
+    # --- the decoder, loaded on first use --------------------------------------------------
+
+    @property
+    def llm(self) -> LlamaRunner:
+        """The llama.cpp decoder; loaded after the first turn's images are encoded, so that with
+        ``keep_vision=False`` the vision session is gone before the decoder's weights arrive."""
+        if self._llm is None:
+            llm = LlamaRunner(self.bundle.llm_path, n_ctx=self.n_ctx, n_threads=self.n_threads, seed=self.seed,
+                              verbose=self.verbose)
+            if llm.n_embd != self.info.hidden_size or llm.n_vocab != self.info.vocab_size:
+                llm.close()
+                raise BundleError(f"{self.bundle.llm_path}: width {llm.n_embd} / vocab {llm.n_vocab}, manifest says "
+                                  f"{self.info.hidden_size} / {self.info.vocab_size}: parts from different exports")
+            self._llm = llm
+        return self._llm
+
+    @property
+    def prompts(self) -> PromptBuilder:
+        if self._prompts is None:
+            self._prompts = PromptBuilder(self.info, self.llm.tokenize_plain)
+        return self._prompts
 
     # --- images ----------------------------------------------------------------------------
 
@@ -110,12 +131,12 @@ class QwenVL:
             from qwenvl_edge.runtime.vision import VisionEncoder
 
             self._vision = VisionEncoder(self.bundle.vision_path, n_threads=self.n_threads)
-            if self._vision.hidden_size != self.llm.n_embd:
+            if self._vision.hidden_size != self.info.hidden_size:
                 width = self._vision.hidden_size
                 self._vision.close()
                 self._vision = None
-                raise BundleError(f"{self.bundle.vision_path}: rows are {width} wide but {self.bundle.llm_path.name} "
-                                  f"takes {self.llm.n_embd}: bundle parts from different checkpoints")
+                raise BundleError(f"{self.bundle.vision_path}: rows are {width} wide but the decoder takes "
+                                  f"{self.info.hidden_size}: bundle parts from different checkpoints")
         return self._vision
 
     def _load(self, image: ImageInput) -> Image.Image:
@@ -178,7 +199,15 @@ class QwenVL:
         units = self.prompts.build(Turn(prompt, refs), history, n_ctx=self.llm.n_ctx, reserve=reserve)
         return units, sources
 
-    def _prefill(self, units: list[Unit], sources: dict[str, ImageInput], timings: Timings) -> None:
+    def _encode_turn(self, images: Sequence[ImageInput], timings: Timings) -> dict[str, np.ndarray]:
+        """Rows of this turn's images, before the decoder loads (fails fast if they cannot fit)."""
+        need = len(images) * (self.info.n_queries + 2)
+        if need > self.n_ctx:
+            raise PromptError(f"{len(images)} image(s) need {need} positions but the context holds {self.n_ctx}")
+        return {self._key(image): self.encode_image(image, timings) for image in images}
+
+    def _prefill(self, units: list[Unit], sources: dict[str, ImageInput], timings: Timings,
+                 encoded: dict[str, np.ndarray] | None = None) -> None:
         """Bring the KV cache to ``units``: keep the common prefix, evaluate the rest."""
         keep = 0
         for have, want in zip(self._context, units, strict=False):
@@ -191,7 +220,9 @@ class QwenVL:
         self.llm.truncate(reused)
         self._context = units[:keep]  # until the rest is in: a failure below leaves a true prefix
         timings.reused_positions = reused
-        rows = {u.key: self._rows_for(u.key, sources, timings) for u in units[keep:] if isinstance(u, ImageRef)}
+        encoded = encoded or {}
+        rows = {u.key: encoded[u.key] if u.key in encoded else self._rows_for(u.key, sources, timings)
+                for u in units[keep:] if isinstance(u, ImageRef)}
         started = time.perf_counter()
         run: list[int] = []
         for unit in units[keep:]:
@@ -220,10 +251,12 @@ class QwenVL:
     def next_token_logits(self, images: Sequence[ImageInput] = (), prompt: str = "",
                           history: Sequence[Turn] = (), n_positions_limit: int | None = None) -> np.ndarray:
         """Logits ``(vocab,)`` after the prompt (or after its first ``n_positions_limit`` positions)."""
+        timings = Timings()
+        encoded = self._encode_turn(images, timings)
         units, sources = self.build_prompt(images, prompt, history)
         if n_positions_limit is not None:
             units = _cut_units(units, n_positions_limit)
-        self._prefill(units, sources, Timings())
+        self._prefill(units, sources, timings, encoded)
         return self.llm.last_logits()
 
     def prompt_ids(self, images: Sequence[ImageInput] = (), prompt: str = "",
@@ -272,7 +305,8 @@ class QwenVL:
         self.history.clear()
         self._context.clear()
         self._boxes_size = None
-        self.llm.truncate(0)
+        if self._llm is not None:
+            self._llm.truncate(0)
 
     def _generate(self, images: list[ImageInput], prompt: str, history: list[Turn], max_tokens: int | None,
                   temperature: float, top_p: float | None) -> Iterator[str]:
@@ -281,11 +315,14 @@ class QwenVL:
         budget = max_tokens if max_tokens is not None else self.info.max_new_tokens
         if budget < 1:
             raise PromptError(f"max_tokens must be at least 1, got {budget}")
+        if not prompt.strip():
+            raise PromptError("the question is empty")
+        encoded = self._encode_turn(images, timings)
         units, sources = self.build_prompt(images, prompt, history, reserve=1)
         sizes = [display_size(image) for image in images]
         if sizes:
             self._boxes_size = sizes[0]
-        self._prefill(units, sources, timings)
+        self._prefill(units, sources, timings, encoded)
         sampler = self.llm.make_sampler(temperature, self.info.top_p if top_p is None else top_p, self.info.top_k)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         ids: list[int] = []
@@ -323,9 +360,9 @@ class QwenVL:
 
     def close(self) -> None:
         self.release_vision()
-        if getattr(self, "llm", None) is not None:
-            self.llm.close()
-            self.llm = None
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
 
     def __enter__(self) -> QwenVL:
         return self

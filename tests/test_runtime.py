@@ -156,7 +156,7 @@ def test_parts_from_two_checkpoints(f32_bundle: Path, narrow_bundle: Path, tmp_p
         shutil.copy(narrow_bundle / "llm.gguf", mixed / "llm.gguf")
         manifest["files"]["llm.gguf"] = json.loads((narrow_bundle / "manifest.json").read_text())["files"]["llm.gguf"]
         (mixed / "manifest.json").write_text(json.dumps(manifest))
-        QwenVL(mixed, n_threads=2, cache_dir=None)
+        QwenVL(mixed, n_threads=2, cache_dir=None).generate([], "hi", max_tokens=1)
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"])
