@@ -77,7 +77,8 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None, help="default: the model's top_p (0.3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="do not keep image rows on disk")
-    p.add_argument("--release-vision", action="store_true", help="free the vision session after encoding")
+    p.add_argument("--mmap", action="store_true",
+                   help="map the GGUF instead of reading it (faster start from the page cache, more RSS)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own logs")
 
 
@@ -88,6 +89,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     _runtime_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, boxes, timings)")
     p.add_argument("--draw", type=Path, default=None, help="draw grounding boxes on the first image into this PNG")
+    p.add_argument("--keep-vision", action="store_true",
+                   help="keep the vision session while decoding (default: freed before the decoder loads)")
 
 
 @command("chat", _body("chat"))
@@ -95,6 +98,8 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     """Interactive multi-turn chat about images; earlier turns stay in the KV cache."""
     p.add_argument("images", nargs="*")
     _runtime_args(p)
+    p.add_argument("--release-vision", dest="keep_vision", action="store_false", default=True,
+                   help="free the vision session after each encode (low-memory devices)")
 
 
 @command("demo", _body("demo"))
@@ -105,7 +110,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default="Q4_K_M")
     p.add_argument("--rebuild", action="store_true")
     _runtime_args(p)
-    p.set_defaults(max_tokens=32, greedy=True)
+    p.set_defaults(max_tokens=32, greedy=True, keep_vision=False)
 
 
 @command("verify", _body("verify"))

@@ -91,8 +91,9 @@ def _split_run_args(items: list[str]) -> tuple[list[str], str]:
 def _open_model(a: argparse.Namespace):
     from qwenvl_edge.runtime.pipeline import QwenVL
 
-    return QwenVL(a.bundle, n_threads=a.threads, n_ctx=a.n_ctx, keep_vision=not a.release_vision,
-                  cache_dir=None if a.no_cache else _default_cache(), seed=a.seed, verbose=a.verbose)
+    return QwenVL(a.bundle, n_threads=a.threads, n_ctx=a.n_ctx, keep_vision=a.keep_vision,
+                  cache_dir=None if a.no_cache else _default_cache(), seed=a.seed, verbose=a.verbose,
+                  use_mmap=a.mmap)
 
 
 def _default_cache():

@@ -77,12 +77,14 @@ class GenerationResult:
 class QwenVL:
     """Vision (onnxruntime) + decoder (llama.cpp) over one bundle folder.
 
-    ``keep_vision=False`` releases the ONNX session after each encode (low-memory devices);
-    ``cache_dir=None`` keeps image rows in memory only.
+    ``keep_vision=False`` releases the ONNX session after each encode, before the decoder loads
+    (low-memory devices); ``cache_dir=None`` keeps image rows in memory only; ``use_mmap=True``
+    maps the GGUF (faster start when it is in the page cache, higher RSS).
     """
 
     def __init__(self, bundle_dir: Path | str | None = None, n_threads: int | None = None, n_ctx: int = 2048,
-                 *, keep_vision: bool = True, cache_dir=DEFAULT_CACHE, seed: int = 0, verbose: bool = False):
+                 *, keep_vision: bool = True, cache_dir=DEFAULT_CACHE, seed: int = 0, verbose: bool = False,
+                 use_mmap: bool = False):
         self.bundle = Bundle.open(bundle_dir)
         self.info = self.bundle.model
         self.n_threads = n_threads
@@ -93,6 +95,7 @@ class QwenVL:
         self.n_ctx = n_ctx
         self.seed = seed
         self.verbose = verbose
+        self.use_mmap = use_mmap  # False: lower RSS (no double-counted pages); True: faster load from page cache
         self._llm: LlamaRunner | None = None  # loaded on first use: images of a turn are encoded first
         self._prompts: PromptBuilder | None = None
         folder = default_cache_dir() if cache_dir is DEFAULT_CACHE else cache_dir
@@ -110,7 +113,7 @@ class QwenVL:
         ``keep_vision=False`` the vision session is gone before the decoder's weights arrive."""
         if self._llm is None:
             llm = LlamaRunner(self.bundle.llm_path, n_ctx=self.n_ctx, n_threads=self.n_threads, seed=self.seed,
-                              verbose=self.verbose)
+                              verbose=self.verbose, use_mmap=self.use_mmap)
             if llm.n_embd != self.info.hidden_size or llm.n_vocab != self.info.vocab_size:
                 llm.close()
                 raise BundleError(f"{self.bundle.llm_path}: width {llm.n_embd} / vocab {llm.n_vocab}, manifest says "
