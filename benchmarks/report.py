@@ -51,8 +51,9 @@ def target_rows(results: dict) -> list[str]:
 def plot_breakdown(results: dict, out: Path) -> Path:
     """Horizontal stacked bar: where the seconds to the first token go, then 16 decoded tokens."""
     run = results["run_released"]
-    parts = [("load", run["load_s"], "#9e9e9e"), ("image encode (INT8)", run["image_encode_s"], "#4363d8"),
-             ("prefill", run["prefill_s"], "#f58231"),
+    rest = max(run["ttft_s"] - run["load_s"] - run["image_encode_s"] - run["prefill_s"], 0.0)
+    parts = [("start", run["load_s"], "#9e9e9e"), ("image encode (INT8)", run["image_encode_s"], "#4363d8"),
+             ("decoder load", rest, "#911eb4"), ("prefill", run["prefill_s"], "#f58231"),
              ("16 tokens decode", 16 / max(run["decode_tok_s"], 1e-9), "#3cb44b")]
     total = sum(p[1] for p in parts)
     width, height, left = 900, 220, 20
@@ -65,8 +66,8 @@ def plot_breakdown(results: dict, out: Path) -> Path:
     for i, (name, seconds, color) in enumerate(parts):
         w = seconds * scale
         draw.rectangle([x, 50, x + w, 110], fill=color)
-        draw.rectangle([left + 200 * i, 140, left + 200 * i + 14, 154], fill=color)
-        draw.text((left + 200 * i + 20, 141), f"{name}: {seconds:.2f} s", fill="black")
+        draw.rectangle([left + 175 * i, 140, left + 175 * i + 14, 154], fill=color)
+        draw.text((left + 175 * i + 20, 141), f"{name}: {seconds:.1f} s", fill="black")
         x += w
     image.save(out)
     return out
