@@ -67,6 +67,7 @@ class GenerationResult:
     prompt_positions: int
     stop_reason: str  # "stop_token" | "max_tokens" | "context_full"
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    images: tuple[ImageRef, ...] = ()  # this turn's images, as a chat history remembers them
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "boxes": [b.to_dict() for b in self.boxes],
@@ -149,7 +150,9 @@ class QwenVL:
 
     def encode_image(self, image: ImageInput, timings: Timings | None = None) -> np.ndarray:
         """The image's rows ``(256, hidden)`` float32, from the cache when this image was seen before."""
-        key = self._key(image)
+        return self._encode(self._key(image), image, timings)
+
+    def _encode(self, key: str, image: ImageInput, timings: Timings | None) -> np.ndarray:
         rows = self.cache.get(key)
         if rows is not None:
             if timings:
@@ -184,34 +187,31 @@ class QwenVL:
 
     # --- prompt and prefill ----------------------------------------------------------------
 
-    def _refs(self, images: Sequence[ImageInput]) -> tuple[tuple[ImageRef, ...], dict[str, ImageInput]]:
-        refs, sources = [], {}
-        for image in images:
-            key = self._key(image)
-            refs.append(ImageRef(key, self.info.n_queries))
-            sources[key] = image
-        return tuple(refs), sources
+    def _ref(self, image: ImageInput) -> ImageRef:
+        return ImageRef(self._key(image), self.info.n_queries)
+
+    def _units(self, refs: tuple[ImageRef, ...], prompt: str, history: Sequence[Turn], reserve: int) -> list[Unit]:
+        return self.prompts.build(Turn(prompt, refs), history, n_ctx=self.llm.n_ctx, reserve=reserve)
 
     def build_prompt(self, images: Sequence[ImageInput], prompt: str, history: Sequence[Turn] = (),
-                     reserve: int = 0) -> tuple[list[Unit], dict[str, ImageInput]]:
+                     reserve: int = 0) -> list[Unit]:
         """Prompt units for a question about ``images`` after ``history``, checked against ``n_ctx``."""
-        refs, sources = self._refs(images)
-        for turn in history:
-            for ref in turn.images:
-                sources.setdefault(ref.key, None)
-        units = self.prompts.build(Turn(prompt, refs), history, n_ctx=self.llm.n_ctx, reserve=reserve)
-        return units, sources
+        return self._units(tuple(self._ref(image) for image in images), prompt, history, reserve)
 
-    def _encode_turn(self, images: Sequence[ImageInput], timings: Timings) -> dict[str, np.ndarray]:
-        """Rows of this turn's images, before the decoder loads (fails fast if they cannot fit)."""
+    def _encode_turn(self, images: Sequence[ImageInput],
+                     timings: Timings) -> tuple[tuple[ImageRef, ...], dict[str, np.ndarray]]:
+        """This turn's image refs and rows, before the decoder loads (fails fast if they cannot fit)."""
         need = len(images) * (self.info.n_queries + 2)
         if need > self.n_ctx:
             raise PromptError(f"{len(images)} image(s) need {need} positions but the context holds {self.n_ctx}")
-        return {self._key(image): self.encode_image(image, timings) for image in images}
+        refs = tuple(self._ref(image) for image in images)
+        return refs, {ref.key: self._encode(ref.key, image, timings) for ref, image in zip(refs, images, strict=True)}
 
-    def _prefill(self, units: list[Unit], sources: dict[str, ImageInput], timings: Timings,
-                 encoded: dict[str, np.ndarray] | None = None) -> None:
-        """Bring the KV cache to ``units``: keep the common prefix, evaluate the rest."""
+    def _prefill(self, units: list[Unit], encoded: dict[str, np.ndarray], timings: Timings) -> None:
+        """Bring the KV cache to ``units``: keep the common prefix, evaluate the rest.
+
+        ``encoded`` holds this turn's rows; an earlier turn's image comes from the rows cache.
+        """
         keep = 0
         for have, want in zip(self._context, units, strict=False):
             if have != want:
@@ -223,8 +223,7 @@ class QwenVL:
         self.llm.truncate(reused)
         self._context = units[:keep]  # until the rest is in: a failure below leaves a true prefix
         timings.reused_positions = reused
-        encoded = encoded or {}
-        rows = {u.key: encoded[u.key] if u.key in encoded else self._rows_for(u.key, sources, timings)
+        rows = {u.key: encoded[u.key] if u.key in encoded else self._cached_rows(u.key)
                 for u in units[keep:] if isinstance(u, ImageRef)}
         started = time.perf_counter()
         run: list[int] = []
@@ -240,14 +239,11 @@ class QwenVL:
         timings.prefill_s += time.perf_counter() - started
         timings.prefill_positions += n_positions(units) - reused
 
-    def _rows_for(self, key: str, sources: dict[str, ImageInput], timings: Timings) -> np.ndarray:
-        source = sources.get(key)
-        if source is None:
-            rows = self.cache.get(key)
-            if rows is None:
-                raise PromptError("an image of an earlier turn is no longer cached; start a new chat")
-            return rows
-        return self.encode_image(source, timings)
+    def _cached_rows(self, key: str) -> np.ndarray:
+        rows = self.cache.get(key)
+        if rows is None:
+            raise PromptError("an image of an earlier turn is no longer cached; start a new chat")
+        return rows
 
     # --- public API ------------------------------------------------------------------------
 
@@ -255,11 +251,11 @@ class QwenVL:
                           history: Sequence[Turn] = (), n_positions_limit: int | None = None) -> np.ndarray:
         """Logits ``(vocab,)`` after the prompt (or after its first ``n_positions_limit`` positions)."""
         timings = Timings()
-        encoded = self._encode_turn(images, timings)
-        units, sources = self.build_prompt(images, prompt, history)
+        refs, encoded = self._encode_turn(images, timings)
+        units = self._units(refs, prompt, history, reserve=0)
         if n_positions_limit is not None:
             units = _cut_units(units, n_positions_limit)
-        self._prefill(units, sources, timings, encoded)
+        self._prefill(units, encoded, timings)
         return self.llm.last_logits()
 
     def prompt_ids(self, images: Sequence[ImageInput] = (), prompt: str = "",
@@ -267,7 +263,7 @@ class QwenVL:
         """The prompt's ids with -1 at image-row positions (no evaluation)."""
         from qwenvl_edge.runtime.prompt import ids_with_image_slots
 
-        return ids_with_image_slots(self.build_prompt(images, prompt, history)[0])
+        return ids_with_image_slots(self.build_prompt(images, prompt, history))
 
     def generate(self, images: Sequence[ImageInput] = (), prompt: str = "", history: Sequence[Turn] = (),
                  max_tokens: int | None = None, temperature: float = 1.0, top_p: float | None = None,
@@ -289,10 +285,9 @@ class QwenVL:
         kwargs.setdefault("stream", False)
         stream = kwargs["stream"]
         result = self.generate(images, prompt, self.history, **kwargs)
-        refs, _ = self._refs(images)
 
         def remember(answer: str) -> None:
-            self.history.append(Turn(prompt, refs, answer))
+            self.history.append(Turn(prompt, self.last_result.images, answer))
 
         if not stream:
             remember(result.text)
@@ -320,12 +315,12 @@ class QwenVL:
             raise PromptError(f"max_tokens must be at least 1, got {budget}")
         if not prompt.strip():
             raise PromptError("the question is empty")
-        encoded = self._encode_turn(images, timings)
-        units, sources = self.build_prompt(images, prompt, history, reserve=1)
+        refs, encoded = self._encode_turn(images, timings)
+        units = self._units(refs, prompt, history, reserve=1)
         sizes = [display_size(image) for image in images]
         if sizes:
             self._boxes_size = sizes[0]
-        self._prefill(units, sources, timings, encoded)
+        self._prefill(units, encoded, timings)
         sampler = self.llm.make_sampler(temperature, self.info.top_p if top_p is None else top_p, self.info.top_k)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         ids: list[int] = []
@@ -359,7 +354,7 @@ class QwenVL:
         timings.decode_s = time.perf_counter() - decode_started if decode_started else 0.0
         answer = "".join(text)
         boxes = parse_boxes(answer, *self._boxes_size) if self._boxes_size else []
-        self.last_result = GenerationResult(answer, ids, boxes, timings, n_positions(units), stop_reason, sizes)
+        self.last_result = GenerationResult(answer, ids, boxes, timings, n_positions(units), stop_reason, sizes, refs)
 
     def close(self) -> None:
         self.release_vision()

@@ -31,7 +31,7 @@ def test_second_chat_turn_prefills_only_new_tokens(f32_bundle: Path, golden) -> 
         in_context = m.llm.n_past
         evaluated_before = m.llm.n_evaluated
         second = m.chat("And what colour is it?", max_tokens=4, temperature=0.0)
-        units, _ = m.build_prompt([], "And what colour is it?", m.history[:-1])
+        units = m.build_prompt([], "And what colour is it?", m.history[:-1])
         # everything of turn one stays: only what follows the first answer is evaluated again
         assert second.timings.reused_positions >= in_context - 1
         assert second.timings.images_encoded == 0 and second.timings.images_from_cache == 0
@@ -210,7 +210,7 @@ def test_old_turns_are_dropped_to_fit(f32_bundle: Path, golden) -> None:
     with QwenVL(f32_bundle, n_threads=2, n_ctx=700, cache_dir=None) as m:
         old = Turn("What is written on the sign?", (ImageRef("a"),), "a sign")
         newer = Turn("And this one?", (ImageRef("b"),), "noise")
-        units, _ = m.build_prompt([golden.images["sign"]], "Compare.", [old, newer])
+        units = m.build_prompt([golden.images["sign"]], "Compare.", [old, newer])
         keys = [u.key for u in units if isinstance(u, ImageRef)]
         assert len(keys) == 2 and keys[0] == "b"  # the oldest turn went first, the newest stayed
         assert n_positions(units) <= 700
