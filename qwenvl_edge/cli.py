@@ -119,6 +119,20 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, default=None)
 
 
+def _serve_body() -> Command:
+    from qwenvl_edge.server.main import cmd_serve
+
+    return cmd_serve
+
+
+@command("serve", _serve_body)
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    """Serve OpenAI's chat API and a photo page: qwenvl-edge serve [--bundle DIR] [--port 8000]."""
+    from qwenvl_edge.server.options import add_serve_args
+
+    add_serve_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenvl-edge", description="Qwen-VL-Chat on a CPU.")
     parser.add_argument("--version", action="version", version=f"qwenvl-edge {__version__}")

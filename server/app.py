@@ -1,0 +1,269 @@
+"""The FastAPI app: OpenAI's chat API over one ``QwenVL``, and the photo page at ``/``.
+
+A request goes: body size (``BodyLimit``) -> shape (``ChatRequest``) -> API key -> model name
+-> images (``ImageResolver``: sources, types, pixels, count) -> a place in line (``Scheduler``)
+-> the engine's ``create_chat_completion``. Everything a client got wrong is refused on the way
+with OpenAI's error shape; only a request that passed all of it reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwenvl_edge.errors import QwenVLError
+from qwenvl_edge.server.errors import APIError, bad_request, error_body, sse_error
+from qwenvl_edge.server.images import ImageResolver
+from qwenvl_edge.server.limits import BodyLimit
+from qwenvl_edge.server.options import ServeConfig
+from qwenvl_edge.server.scheduler import Cancelled, Scheduler, Ticket
+from qwenvl_edge.server.schema import ChatRequest, engine_messages
+
+log = logging.getLogger("qwenvl_edge.server")
+STATIC = files("qwenvl_edge.server") / "static"
+DISCONNECT_POLL_S = 0.25
+
+
+class ServerState:
+    """The model (``None`` while it loads), the line in front of it, and the image checks."""
+
+    def __init__(self, config: ServeConfig, load_model: Callable[[], Any],
+                 on_load_error: Callable[[BaseException], None]):
+        self.config = config
+        self.model: Any = None
+        self.created = int(time.time())
+        self.scheduler = Scheduler(config.limits.max_queue, config.limits.request_timeout_s)
+        self.images = ImageResolver(config)
+        self._load_model = load_model
+        self._on_load_error = on_load_error
+
+    def start_loading(self) -> None:
+        threading.Thread(target=self._load, name="load-model", daemon=True).start()
+
+    def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            self.model = self._load_model()
+        except BaseException as e:  # reported by the CLI, which stops the server
+            self._on_load_error(e)
+            return
+        log.info("model loaded in %.1f s", time.monotonic() - started)
+
+    def ready_model(self) -> Any:
+        if self.model is None:
+            raise APIError(503, "the model is still loading", type="unavailable_error", code="model_loading",
+                           headers={"Retry-After": "5"})
+        return self.model
+
+
+def create_app(config: ServeConfig, load_model: Callable[[], Any],
+               on_load_error: Callable[[BaseException], None] = lambda e: None) -> FastAPI:
+    """The app; ``load_model`` runs on a thread at start-up (``/health`` answers 503 until it returns)."""
+    state = ServerState(config, load_model, on_load_error)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        state.start_loading()
+        yield
+        state.scheduler.close()
+        await state.images.aclose()
+        if state.model is not None and hasattr(state.model, "close"):
+            await asyncio.get_running_loop().run_in_executor(None, state.model.close)
+
+    app = FastAPI(title="qwenvl-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes)
+    _error_handlers(app)
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        state.ready_model()
+        return JSONResponse({"status": "ok", "model": config.model_id, "waiting": state.scheduler.admitted})
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    async def model(model_id: str) -> JSONResponse:
+        _check_model_name(model_id, config, param=None)
+        return JSONResponse(_model_card(state))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        return await _chat(state, body, request)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    app.mount("/static", StaticFiles(packages=[("qwenvl_edge.server", "static")]), name="static")
+    return app
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.config.model_id, "object": "model", "created": state.created, "owned_by": "qwenvl-edge"}
+
+
+def _check_model_name(name: str | None, config: ServeConfig, param: str | None = "model") -> None:
+    if name and name != config.model_id:
+        raise APIError(404, f"the model '{name}' does not exist: this server serves '{config.model_id}'",
+                       param=param, code="model_not_found")
+
+
+async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Response:
+    """Check everything about the request, then hand it to the decoder thread."""
+    config = state.config
+    _check_model_name(body.model, config)
+    if body.n not in (None, 1):
+        raise bad_request("only n=1 is supported", "n")
+    parts = body.image_parts()
+    if len(parts) > config.limits.max_images:
+        raise bad_request(f"{len(parts)} images in one request; this server accepts at most "
+                          f"{config.limits.max_images}", "messages", "too_many_images")
+    model = state.ready_model()
+    urls = {id(part): await state.images.resolve(part.url, param) for param, part in parts}
+    messages = engine_messages(body, urls)
+    args = body.engine_args()
+    ticket = state.scheduler.admit()
+    watcher = asyncio.create_task(_watch_disconnect(request, ticket))
+    try:
+        if not body.stream:
+            try:
+                result = await state.scheduler.run(lambda: model.create_chat_completion(messages, **args), ticket)
+            finally:
+                watcher.cancel()
+            return JSONResponse(_named(result, config.model_id))
+        chunks = state.scheduler.stream(lambda: model.create_chat_completion(messages, stream=True, **args), ticket)
+        first = await anext(chunks, None)  # errors before the first token still get a proper status
+    except BaseException as e:
+        watcher.cancel()
+        if isinstance(e, Cancelled):
+            return Response(status_code=499)  # the client has gone: nobody reads this
+        if isinstance(e, QwenVLError):
+            raise _engine_error(e) from None
+        raise
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(_sse(first, chunks, include_usage, config.model_id, ticket, watcher),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
+    """Set the ticket's cancel event when the client goes away (checked a few times a second)."""
+    while not ticket.cancel.is_set():
+        if await request.is_disconnected():
+            ticket.cancel.set()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+async def _sse(first: dict | None, chunks: AsyncIterator[dict], include_usage: bool, model_id: str,
+               ticket: Ticket, watcher: asyncio.Task) -> AsyncIterator[bytes]:
+    """Server-sent events: one ``data:`` per chunk, the usage chunk when asked, ``data: [DONE]``; an
+    error after the first chunk becomes an ``error`` event (the status line is already sent)."""
+    usage = None
+    try:
+        pending = [first] if first is not None else []
+        while True:
+            if pending:
+                chunk = pending.pop()
+            else:
+                chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
+            chunk = _named(chunk, model_id)
+            usage = chunk.pop("usage", None) or usage
+            yield _event(chunk)
+        if include_usage and usage is not None:
+            yield _event({**{k: chunk[k] for k in ("id", "object", "created", "model")}, "choices": [], "usage": usage})
+    except APIError as e:
+        yield sse_error(e)
+    except QwenVLError as e:
+        yield sse_error(_engine_error(e))
+    except Exception as e:
+        log.exception("generation failed mid-stream")
+        yield sse_error(APIError(500, f"the generation failed: {type(e).__name__}", type="server_error"))
+    finally:
+        ticket.cancel.set()
+        watcher.cancel()
+    yield b"data: [DONE]\n\n"
+
+
+def _event(data: dict) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _named(result: dict, model_id: str) -> dict:
+    """The engine's dict with the served model id (clients match it against /v1/models)."""
+    return {**result, "model": model_id}
+
+
+def _engine_error(e: QwenVLError) -> APIError:
+    """The engine refused the request (its own validation): 400, context overflow named as such."""
+    message = str(e)
+    code = "context_length_exceeded" if "context" in message.lower() else None
+    return bad_request(message, code=code)
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse(_validation_body(e), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = {404: "no such endpoint", 405: "method not allowed"}.get(e.status_code, str(e.detail))
+        return JSONResponse(error_body(message, "invalid_request_error", None, codes.get(e.status_code)),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(QwenVLError)
+    async def engine_refused(_request: Request, e: QwenVLError) -> JSONResponse:
+        err = _engine_error(e)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(Exception)
+    async def crashed(_request: Request, e: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+
+def _validation_body(e: RequestValidationError) -> dict:
+    """Pydantic's first complaint as one line, with OpenAI's ``param`` path (``messages[0].content``)."""
+    first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    # a union reports the member it tried ("str", "list[...]", "function-after[...]"): not a field name
+    loc = [p for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[]") and p not in ("str", "int")]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    if first.get("type") == "json_invalid":
+        return error_body("the request body is not valid JSON", "invalid_request_error", None, "invalid_json")
+    msg = first.get("msg", "invalid value")
+    return error_body(f"{param}: {msg}" if param else msg, "invalid_request_error", param, "invalid_value")

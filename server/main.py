@@ -1,0 +1,89 @@
+"""``qwenvl-edge serve``: bind the port, start uvicorn at once, load the bundle behind it.
+
+The port is bound and the bundle's manifest checked before anything slow, so a wrong folder or a
+port in use is one line on stderr, not a server that never answers. The model then loads on a
+thread while ``/health`` says 503; if loading fails, the server stops and the command exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import socket
+import sys
+
+from qwenvl_edge.errors import QwenVLError
+from qwenvl_edge.server.options import config_from_args
+
+log = logging.getLogger("qwenvl_edge.server")
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from qwenvl_edge.server.app import create_app
+    except ImportError as e:
+        raise QwenVLError(f"serve needs the server extra ({e.name} is not installed): "
+                          "pip install 'qwenvl-edge[server]'") from None
+    from qwenvl_edge.runtime.bundle import Bundle
+
+    _check(a)
+    config = config_from_args(a)
+    bundle = Bundle.open(a.bundle)  # a wrong folder is reported now, before the port opens
+    sock = _bind(a.host, a.port)
+    failures: list[BaseException] = []
+
+    def load_model():
+        from qwenvl_edge.runtime.pipeline import QwenVL
+
+        model = QwenVL(bundle.folder, n_threads=a.threads, n_ctx=a.n_ctx, verbose=a.verbose)
+        model.llm  # noqa: B018 -- load the decoder now, not on the first request
+        return model
+
+    def load_failed(e: BaseException) -> None:
+        failures.append(e)
+        server.should_exit = True
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    app = create_app(config, load_model, load_failed)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=3, lifespan="on"))
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"qwenvl-edge: serving {config.model_id} on http://{shown}:{port} (page at /, API at /v1, loading the "
+          f"model: /health answers 503 until it is ready)", file=sys.stderr, flush=True)
+    server.run(sockets=[sock])
+    if failures:
+        e = failures[0]
+        raise e if isinstance(e, QwenVLError) else QwenVLError(f"loading the model failed: {e}")
+    return 0
+
+
+def _check(a: argparse.Namespace) -> None:
+    """The options' values, before anything starts (one line each, as the CLI prints errors)."""
+    for name in ("max_images", "max_image_pixels", "max_body_mb", "request_timeout", "remote_max_mb", "remote_timeout"):
+        value = getattr(a, name)
+        if not (math.isfinite(value) and value > 0):
+            raise QwenVLError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if a.max_queue < 0:
+        raise QwenVLError(f"--max-queue must be 0 or more, got {a.max_queue}")
+    if a.media_dir is not None and not a.media_dir.expanduser().is_dir():
+        raise QwenVLError(f"--media-dir {a.media_dir}: not a folder")
+    if a.api_key is not None and not a.api_key.strip():
+        raise QwenVLError("--api-key is empty")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (0 picks a free port), or a one-line error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except (OSError, UnicodeError, OverflowError) as e:
+        raise QwenVLError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock

@@ -1,0 +1,76 @@
+"""The ``serve`` command's options and the limits they set.
+
+Stdlib only: the CLI builds its parser from here for every command, so nothing heavy may be
+imported at this level. The limits have one home (``Limits``) so the request checks, the
+page and the docs read the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_ID = "qwen-vl-chat"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Past these the request is refused before it reaches the model."""
+
+    max_body_bytes: int = 32 * 2**20  # a 10 MB photo grows by 4/3 as base64, with room for a second one
+    max_images: int = 4  # each image costs 258 of the 2048 context positions
+    max_image_pixels: int = 40_000_000  # under Pillow's decompression-bomb limit (89 M)
+    remote_max_bytes: int = 10 * 2**20  # as llama-server and vLLM
+    remote_timeout_s: float = 10.0
+    max_queue: int = 8  # requests waiting behind the one being decoded; past it: 503 + Retry-After
+    request_timeout_s: float = 600.0  # a generation running longer is ended with an error
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the app needs besides the engine: who may call, where images may come from, limits."""
+
+    model_id: str = MODEL_ID
+    api_key: str | None = None
+    media_dir: Path | None = None
+    allow_remote_images: bool = False
+    limits: Limits = Limits()
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The ``serve`` options (the CLI registers them; the server reads them in ``config_from_args``)."""
+    d = Limits()
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="bundle folder (default: $QWENVL_EDGE_BUNDLE, else ~/.cache/qwenvl-edge/bundle)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--media-dir", type=Path, default=None,
+                   help="a folder whose files requests may name as images (default: none)")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    p.add_argument("--remote-max-mb", type=float, default=d.remote_max_bytes / 2**20,
+                   help="size cap of a fetched image (default: %(default)g)")
+    p.add_argument("--remote-timeout", type=float, default=d.remote_timeout_s,
+                   help="seconds to fetch one image (default: %(default)g)")
+    p.add_argument("--model-name", default=MODEL_ID, help=f"the model id clients see (default: {MODEL_ID})")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="request body size")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="requests waiting behind the running one; past it clients get 503")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
+                   help="seconds one generation may run")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's own logs")
+
+
+def config_from_args(a: argparse.Namespace) -> ServeConfig:
+    limits = Limits(max_body_bytes=int(a.max_body_mb * 2**20), max_images=a.max_images,
+                    max_image_pixels=a.max_image_pixels, max_queue=a.max_queue,
+                    remote_max_bytes=int(a.remote_max_mb * 2**20), remote_timeout_s=a.remote_timeout,
+                    request_timeout_s=a.request_timeout)
+    media = a.media_dir.expanduser().resolve() if a.media_dir else None
+    return ServeConfig(model_id=a.model_name, api_key=a.api_key, media_dir=media,
+                       allow_remote_images=a.allow_remote_images, limits=limits)

@@ -1,0 +1,133 @@
+"""Real servers for the server tests: ``qwenvl-edge serve`` in a child process on a free port, and a
+plain HTTP server on 127.0.0.1 that serves images to the remote-image checks.
+
+Nothing here is a stand-in: the child is the installed command line with the real engine, and its
+memory and log are read from the outside, as an operator would.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+SERVING = re.compile(r"serving \S+ on (http://\S+?:\d+)")
+API_KEY = "sk-test-key"
+
+
+def require_tool(path: str, what: str) -> str:
+    """The tool's path; a missing tool skips the test, or fails it under CI=true."""
+    found = shutil.which(path)
+    if found is None:
+        message = f"{what} ({path}) is not installed: apt-get install chromium chromium-driver"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+class ServerProcess:
+    """``qwenvl-edge serve --port 0 ...`` in a child process, with its home and cache in ``folder``."""
+
+    def __init__(self, bundle: Path, folder: Path, *args: str, ready_timeout_s: float = 180):
+        folder.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HOME": str(folder / "home"), "XDG_CACHE_HOME": str(folder / "cache"),
+               "NO_PROXY": "*", "PYTHONUNBUFFERED": "1"}
+        self.log_path = folder / "server.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 -- open for the child's whole life
+        cmd = [sys.executable, "-m", "qwenvl_edge.cli", "serve", "--bundle", str(bundle), "--port", "0",
+               "--threads", "1", *args]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.url = self._wait_for_url(ready_timeout_s)
+        self._wait_healthy(ready_timeout_s)
+
+    def _wait_for_url(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            m = SERVING.search(self.log())
+            if m:
+                return m.group(1)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the server did not start:\n{self.log()}")
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the server never became healthy:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def rss_bytes(self) -> int:
+        """The child's resident memory, from /proc (what ``ps`` shows as RSS)."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class ImageHost:
+    """A plain HTTP server on 127.0.0.1 serving files from a folder; ``/slow/NAME`` answers after
+    ``delay_s`` (for the fetch timeout). Only the loopback address is ever used."""
+
+    def __init__(self, folder: Path, delay_s: float = 3.0):
+        delay = delay_s
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def do_GET(self):  # noqa: N802 -- the stdlib's name
+                if self.path.startswith("/slow/"):
+                    time.sleep(delay)
+                    self.path = self.path[len("/slow"):]
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
