@@ -31,7 +31,7 @@ from qwenvl_edge.server.images import ImageResolver
 from qwenvl_edge.server.limits import BodyLimit
 from qwenvl_edge.server.options import ServeConfig
 from qwenvl_edge.server.scheduler import Cancelled, Scheduler, Ticket
-from qwenvl_edge.server.schema import ChatRequest, engine_messages
+from qwenvl_edge.server.schema import FIELD_NAMES, ChatRequest, engine_messages
 
 log = logging.getLogger("qwenvl_edge.server")
 STATIC = files("qwenvl_edge.server") / "static"
@@ -258,10 +258,12 @@ def _error_handlers(app: FastAPI) -> None:
 
 def _validation_body(e: RequestValidationError) -> dict:
     """Pydantic's first complaint as one line, with OpenAI's ``param`` path (``messages[0].content``)."""
-    first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [p for p in first.get("loc", ()) if p != "body"]
-    # a union reports the member it tried ("str", "list[...]", "function-after[...]"): not a field name
-    loc = [p for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[]") and p not in ("str", "int")]
+    # a union (content: str | list of parts) reports each member; the deepest complaint is the telling one
+    first = max(e.errors(), key=lambda err: len(err.get("loc", ())), default={"loc": (), "msg": "invalid request"})
+    loc: list = []
+    for p in first.get("loc", ())[1:]:  # [0] is "body"; union members ("str", "float") and tags are no fields
+        if isinstance(p, int) or (p in FIELD_NAMES and (not loc or loc[-1] != p)):
+            loc.append(p)
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     if first.get("type") == "json_invalid":
         return error_body("the request body is not valid JSON", "invalid_request_error", None, "invalid_json")

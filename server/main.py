@@ -8,6 +8,7 @@ thread while ``/health`` says 503; if loading fails, the server stops and the co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import socket
@@ -53,7 +54,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"qwenvl-edge: serving {config.model_id} on http://{shown}:{port} (page at /, API at /v1, loading the "
           f"model: /health answers 503 until it is ready)", file=sys.stderr, flush=True)
-    server.run(sockets=[sock])
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn stops gracefully on Ctrl-C, then re-raises it
+        server.run(sockets=[sock])
+    print("qwenvl-edge: server stopped", file=sys.stderr)
     if failures:
         e = failures[0]
         raise e if isinstance(e, QwenVLError) else QwenVLError(f"loading the model failed: {e}")

@@ -89,3 +89,7 @@ def engine_messages(request: ChatRequest, urls: dict[int, str]) -> list[dict[str
             content = m.content
         out.append({"role": m.role, "content": content})
     return out
+
+
+FIELD_NAMES = frozenset(name for cls in (ChatRequest, Message, TextPart, ImagePart, ImageURL, StreamOptions)
+                        for name in cls.model_fields)

@@ -167,7 +167,7 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None, param:
 
 def post(server, body, key: str | None = API_KEY, **kwargs) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if isinstance(body, (bytes, str)):
+    if not isinstance(body, dict):
         return httpx.post(server.url + "/v1/chat/completions", content=body, timeout=60,
                           headers={**headers, "Content-Type": "application/json"}, **kwargs)
     return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60, headers=headers, **kwargs)
