@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import math
+import signal
 import socket
 import sys
 
@@ -54,13 +55,19 @@ def cmd_serve(a: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"qwenvl-edge: serving {config.model_id} on http://{shown}:{port} (page at /, API at /v1, loading the "
           f"model: /health answers 503 until it is ready)", file=sys.stderr, flush=True)
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn stops gracefully on Ctrl-C, then re-raises it
+    # uvicorn stops gracefully on SIGINT / SIGTERM, then raises the signal again: both end here with 0
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[sock])
     print("qwenvl-edge: server stopped", file=sys.stderr)
     if failures:
         e = failures[0]
         raise e if isinstance(e, QwenVLError) else QwenVLError(f"loading the model failed: {e}")
     return 0
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _check(a: argparse.Namespace) -> None:

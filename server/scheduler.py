@@ -68,6 +68,7 @@ class Scheduler:
 
     def _timed(self, fn: Callable[[], T], ticket: Ticket) -> T:
         if ticket.cancel.is_set() or self._closed.is_set():
+            log.info("skipped: the client left while waiting")
             raise Cancelled()
         started = time.monotonic()
         try:

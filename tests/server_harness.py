@@ -131,3 +131,34 @@ class ImageHost:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class InProcessServer:
+    """``create_app`` under a real uvicorn on a free port of 127.0.0.1, in this process (for a
+    configuration the command line does not offer, e.g. a model load the test holds back)."""
+
+    def __init__(self, config, load_model):
+        import socket
+
+        import uvicorn
+
+        from qwenvl_edge.server.app import create_app
+
+        self.load_errors: list[BaseException] = []
+        app = create_app(config, load_model, self.load_errors.append)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+        self.sock.close()

@@ -1,0 +1,180 @@
+"""One decoder, many clients: the bounded line (503 + Retry-After), a client that leaves cancels its
+generation, a generation past its time ends with an SSE error event, 503 while the model loads,
+image sources switched off by default, and the command's own start-up errors.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from qwenvl_edge.server.options import Limits, ServeConfig
+from tests.server_harness import InProcessServer, ServerProcess, data_uri
+from tests.test_server import MODEL, assert_error, post, user
+
+LONG = 1500  # tokens: far more than the tests wait for; the random model rarely stops by itself
+
+
+@pytest.fixture(scope="module")
+def strict(f32_bundle, tmp_path_factory):
+    """Defaults for image sources (data: only), no API key, nobody may wait behind the running request."""
+    s = ServerProcess(f32_bundle, tmp_path_factory.mktemp("strict"), "--max-queue", "0")
+    yield s
+    assert s.stop() == 0
+    assert "Traceback" not in s.log(), s.log()
+
+
+def open_stream(url: str, max_tokens: int = LONG) -> openai.Stream:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    return client.chat.completions.create(model=MODEL, messages=user("Tell me a long story."), stream=True,
+                                          max_tokens=max_tokens, temperature=0)
+
+
+def first_content(stream) -> str:
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            return chunk.choices[0].delta.content
+    raise AssertionError("the stream ended without content")
+
+
+def stopped_counts(log: str) -> list[int]:
+    return [int(n) for n in re.findall(r"client gone: generation stopped after (\d+) chunks", log)]
+
+
+def test_busy_is_503_with_retry_after_and_a_gone_client_frees_the_decoder(strict) -> None:
+    before = len(stopped_counts(strict.log()))
+    stream = open_stream(strict.url)
+    first_content(stream)  # the decoder is now busy with this request
+    r = post(strict, {"model": MODEL, "messages": user("hi"), "max_tokens": 2}, key=None)
+    assert_error(r, 503, "server_busy")
+    assert int(r.headers["retry-after"]) >= 1
+    with pytest.raises(openai.InternalServerError) as e:  # what a client sees
+        open_stream(strict.url)
+    assert e.value.status_code == 503
+    stream.close()  # the client leaves mid-stream
+    deadline = time.monotonic() + 60
+    while len(stopped_counts(strict.log())) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    counts = stopped_counts(strict.log())[before:]
+    assert counts and counts[0] < LONG, strict.log()  # stopped long before its max_tokens
+    r = post(strict, {"model": MODEL, "messages": user("hi"), "max_tokens": 2}, key=None)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_waiting_request_whose_client_left_never_runs(f32_bundle, tmp_path) -> None:
+    """Queued behind a long stream, a client gives up: when the decoder frees, its request is skipped."""
+    s = ServerProcess(f32_bundle, tmp_path, "--max-queue", "2")
+    try:
+        stream = open_stream(s.url)
+        first_content(stream)
+        waiting = threading.Thread(target=lambda: _give_up_after(s.url, 0.5))
+        waiting.start()
+        waiting.join()
+        stream.close()
+        r = post(s, {"model": MODEL, "messages": user("hi"), "max_tokens": 2}, key=None)
+        assert r.status_code == 200
+        assert "skipped: the client left while waiting" in s.log()
+    finally:
+        assert s.stop() == 0
+    assert "Traceback" not in s.log()
+
+
+def _give_up_after(url: str, seconds: float) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": user("hi"), "max_tokens": 2},
+                   timeout=seconds)
+
+
+def test_local_and_remote_images_are_off_by_default(strict, golden) -> None:
+    for url, code in [("sign.png", "local_images_disabled"), (str(golden.images["sign"]), "local_images_disabled"),
+                      ("http://127.0.0.1:9/sign.png", "remote_images_disabled")]:
+        assert_error(post(strict, {"model": MODEL, "messages": user("what?", url)}, key=None), 400, code)
+    r = post(strict, {"model": MODEL, "messages": user("what?", data_uri(golden.images["sign"])), "max_tokens": 2},
+             key=None)
+    assert r.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def held_model(f32_bundle):
+    """An in-process server whose model load waits for the test (a slow load, on the tiny bundle)."""
+    from qwenvl_edge.runtime.pipeline import QwenVL
+
+    gate = threading.Event()
+
+    def load():
+        gate.wait(60)
+        return QwenVL(f32_bundle, n_threads=1, cache_dir=None)
+
+    config = ServeConfig(limits=Limits(request_timeout_s=0.5))
+    server = InProcessServer(config, load)
+    yield server, gate
+    gate.set()
+    server.close()
+
+
+def test_health_is_503_while_loading(held_model) -> None:
+    server, gate = held_model
+    r = httpx.get(server.url + "/health", timeout=10)
+    assert_error(r, 503, "model_loading")
+    assert r.headers["retry-after"]
+    assert_error(httpx.post(server.url + "/v1/chat/completions", json={"messages": user("hi")}, timeout=10), 503,
+                 "model_loading")
+    gate.set()
+    wait_healthy(server)
+
+
+def wait_healthy(server: InProcessServer) -> None:
+    deadline = time.monotonic() + 60
+    while httpx.get(server.url + "/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline and not server.load_errors, server.load_errors
+        time.sleep(0.05)
+
+
+def test_generation_past_the_time_limit_ends_with_an_sse_error_event(held_model) -> None:
+    server, gate = held_model
+    gate.set()
+    wait_healthy(server)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                      json={"messages": user("Tell me a long story."), "max_tokens": LONG, "stream": True,
+                            "temperature": 0}) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert lines[-3] == "event: error"
+    error = httpx.Response(200, content=lines[-2][len("data: "):]).json()["error"]
+    assert error["code"] == "timeout" and "0.5 s" in error["message"]
+    with pytest.raises(openai.APIError, match="limit"):  # the openai client raises it mid-stream
+        for _ in open_stream(server.url):
+            pass
+
+
+def run_serve(*args: str, tmp_path) -> subprocess.CompletedProcess:
+    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "qwenvl_edge.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_serve_start_up_errors_are_one_line(f32_bundle, tmp_path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        for args in (["--bundle", str(tmp_path / "nothing")],
+                     ["--bundle", str(f32_bundle), "--port", str(taken.getsockname()[1])],
+                     ["--bundle", str(f32_bundle), "--max-images", "0"],
+                     ["--bundle", str(f32_bundle), "--remote-timeout", "nan"],
+                     ["--bundle", str(f32_bundle), "--media-dir", str(tmp_path / "nothing")]):
+            r = run_serve(*args, tmp_path=tmp_path)
+            assert r.returncode == 2, (args, r.stderr)
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("qwenvl-edge: error: "), (args, r.stderr)
+    finally:
+        taken.close()
