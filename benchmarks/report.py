@@ -73,6 +73,22 @@ def plot_breakdown(results: dict, out: Path) -> Path:
     return out
 
 
+def server_rows(results: dict) -> list[str]:
+    """``qwenvl-edge serve``: time to first token, a new photo vs a follow-up about it (conversation resent)."""
+    if "server_first_ttft_s" not in results:
+        return []
+    cached = results.get("server_followup_cached_tokens")
+    reuse = (f"{cached} of {results['server_followup_prompt_tokens']} prompt tokens reused"
+             if cached is not None else "reuse not reported")
+    return ["", "## `qwenvl-edge serve` (one server process, streamed, measured at the client)", "",
+            "| question | time to first token |", "| --- | --- |",
+            f"| first question about a new photo | {results['server_first_ttft_s']:.2f} s |",
+            f"| follow-up about the same photo, conversation resent ({reuse}) | "
+            f"{results['server_followup_ttft_s']:.2f} s (x{results['server_followup_ttft_ratio']:.3f}) |",
+            f"| server start to healthy (model loaded) | {results['server_ready_s']:.1f} s |",
+            f"| server RSS after the questions | {results['server_rss_gb']:.2f} GB |"]
+
+
 def write_report(results: dict, folder: Path) -> None:
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot = plot_breakdown(results, folder / "time_breakdown.png")
@@ -107,6 +123,7 @@ def write_report(results: dict, folder: Path) -> None:
         lines.append(f"| {mode} | {r['ttft_s']:.2f} s | {r['load_s']:.2f} / {r['image_encode_s']:.2f} / "
                      f"{r['prefill_s']:.2f} s | {r['decode_tok_s']:.2f} tok/s | {r['peak_rss_gb']:.2f} GB | "
                      f"{r['peak_rss_over_gguf_gb']:.2f} GB |")
+    lines += server_rows(results)
     lines += ["", f"![time breakdown]({plot.name})", "", "## Export", "",
               f"Whole export: {e['wall_s']:.0f} s, peak RSS {e['peak_rss_gb']:.2f} GB.", "",
               "| stage | wall | peak RSS |", "| --- | --- | --- |"]

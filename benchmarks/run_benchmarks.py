@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import bench_export, bench_run
+from benchmarks import bench_export, bench_run, bench_server
 from benchmarks.report import machine, write_report
 
 HERE = Path(__file__).resolve().parent
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     image = a.work / "bench-image.png"
     generate_images(1, seed=99)[0].save(image)
     results.update(bench_run.measure(bundle, image, QUESTION, a.runs, a.threads))
+    print("measuring `qwenvl-edge serve`: a first question and a follow-up about the same photo", flush=True)
+    results.update(bench_server.measure(bundle, a.runs, a.threads))
     if a.analysis.is_file():
         results["notes"] = a.analysis.read_text().splitlines()
     write_report(results, a.out)
