@@ -158,7 +158,7 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
                 watcher.cancel()
             return JSONResponse(_named(result, config.model_id))
         chunks = state.scheduler.stream(lambda: model.create_chat_completion(messages, stream=True, **args), ticket)
-        first = await anext(chunks, None)  # errors before the first token still get a proper status
+        head = await _head(chunks)  # errors before the first token still get their own status
     except BaseException as e:
         watcher.cancel()
         if isinstance(e, Cancelled):
@@ -167,7 +167,7 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
             raise _engine_error(e) from None
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_sse(first, chunks, include_usage, config.model_id, ticket, watcher),
+    return StreamingResponse(_sse(head, chunks, include_usage, config.model_id, ticket, watcher),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -181,25 +181,36 @@ async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-async def _sse(first: dict | None, chunks: AsyncIterator[dict], include_usage: bool, model_id: str,
+async def _head(chunks: AsyncIterator[dict]) -> list[dict]:
+    """The chunks up to the first one with content or a finish reason (the role chunk alone says nothing
+    about whether the prompt was accepted)."""
+    head: list[dict] = []
+    async for chunk in chunks:
+        head.append(chunk)
+        if any(c.get("finish_reason") or (c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+            break
+    return head
+
+
+async def _chain(head: list[dict], rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    for chunk in head:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
+async def _sse(head: list[dict], chunks: AsyncIterator[dict], include_usage: bool, model_id: str,
                ticket: Ticket, watcher: asyncio.Task) -> AsyncIterator[bytes]:
     """Server-sent events: one ``data:`` per chunk, the usage chunk when asked, ``data: [DONE]``; an
     error after the first chunk becomes an ``error`` event (the status line is already sent)."""
-    usage = None
+    usage, last = None, None
     try:
-        pending = [first] if first is not None else []
-        while True:
-            if pending:
-                chunk = pending.pop()
-            else:
-                chunk = await anext(chunks, None)
-                if chunk is None:
-                    break
-            chunk = _named(chunk, model_id)
-            usage = chunk.pop("usage", None) or usage
-            yield _event(chunk)
-        if include_usage and usage is not None:
-            yield _event({**{k: chunk[k] for k in ("id", "object", "created", "model")}, "choices": [], "usage": usage})
+        async for chunk in _chain(head, chunks):
+            last = _named(chunk, model_id)
+            usage = last.pop("usage", None) or usage
+            yield _event(last)
+        if include_usage and usage is not None and last is not None:
+            yield _event({**{k: last[k] for k in ("id", "object", "created", "model")}, "choices": [], "usage": usage})
     except APIError as e:
         yield sse_error(e)
     except QwenVLError as e:
