@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -233,11 +234,16 @@ def _named(result: dict, model_id: str) -> dict:
     return {**result, "model": model_id}
 
 
+ENGINE_PARAMS = re.compile(r"(messages\[\d+\]|max_tokens|temperature|top_p|top_k|stop|seed)\b")
+
+
 def _engine_error(e: QwenVLError) -> APIError:
-    """The engine refused the request (its own validation): 400, context overflow named as such."""
+    """The engine refused the request (its own validation, before any evaluation): 400, with the
+    argument its message starts with as ``param``, and a prompt over the context named as such."""
     message = str(e)
     code = "context_length_exceeded" if "context" in message.lower() else None
-    return bad_request(message, code=code)
+    m = ENGINE_PARAMS.match(message)
+    return bad_request(message, param=m.group(1) if m else None, code=code)
 
 
 def _error_handlers(app: FastAPI) -> None:
