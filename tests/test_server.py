@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import shutil
 from pathlib import Path
 
@@ -290,10 +289,29 @@ def test_wrong_method_is_405_in_the_same_shape(server) -> None:
     assert_error(httpx.get(server.url + "/v1/chat/completions", timeout=10), 405)
 
 
-def test_refused_requests_never_reached_the_model(server, golden) -> None:
-    """After all the refusals the next answer is still the golden one (nothing half-evaluated)."""
+def test_refused_requests_never_reach_the_model(server, client, golden) -> None:
+    """Refusals between two equal requests leave the KV cache as it was: the second reuses the whole
+    prompt (all but the last position, which is evaluated again for its logits) and answers the same."""
     case = golden.cases["one_image"]
-    r = post(server, {"model": MODEL, "messages": case_messages(golden, "one_image"), "temperature": 0,
-                      "max_tokens": golden.max_new_tokens})
-    assert r.json()["choices"][0]["message"]["content"] == case["generated_text"]
-    assert json.loads(r.text)["usage"]["prompt_tokens"] == len(case["input_ids"])
+    messages = case_messages(golden, "one_image")
+    first = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=4)
+    for body in ({"messages": user("hi"), "temperature": -1}, {"messages": user("word " * 3000)},
+                 {"messages": user("what?", b64(b"not an image"))}, {"messages": user("hi"), "max_tokens": 0}):
+        assert post(server, {"model": MODEL, **body}).status_code == 400
+    again = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=4)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens == len(case["input_ids"]) - 1
+
+
+def test_follow_up_evaluates_only_its_new_tokens(client, golden) -> None:
+    """A chat app resends the whole conversation: only the new turn is evaluated (counted by the engine)."""
+    messages = case_messages(golden, "one_image")
+    first = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8)
+    follow = [*messages, {"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "And what colour is it?"}]
+    r = client.chat.completions.create(model=MODEL, messages=follow, temperature=0, max_tokens=4)
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    evaluated = r.usage.prompt_tokens - cached
+    assert cached >= first.usage.prompt_tokens  # the system prompt, the image rows and the first question
+    assert 0 < evaluated <= r.usage.prompt_tokens - first.usage.prompt_tokens  # the new turn, nothing more
+    print(f"follow-up: {r.usage.prompt_tokens} prompt tokens, {cached} reused, {evaluated} evaluated")
