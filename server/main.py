@@ -38,11 +38,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     failures: list[BaseException] = []
 
     def load_model():
-        from qwenvl_edge.runtime.pipeline import QwenVL
-
-        model = QwenVL(bundle.folder, n_threads=a.threads, n_ctx=a.n_ctx, verbose=a.verbose)
-        model.llm  # noqa: B018 -- load the decoder now, not on the first request
-        return model
+        return open_engine(bundle.folder, n_threads=a.threads, n_ctx=a.n_ctx, verbose=a.verbose)
 
     def load_failed(e: BaseException) -> None:
         failures.append(e)
@@ -64,6 +60,20 @@ def cmd_serve(a: argparse.Namespace) -> int:
         e = failures[0]
         raise e if isinstance(e, QwenVLError) else QwenVLError(f"loading the model failed: {e}")
     return 0
+
+
+def open_engine(bundle_dir, **kwargs):
+    """The engine, ready: one token through the public API loads the decoder now rather than on the
+    first request, and leaves the system prompt's KV prefix in place for it."""
+    from qwenvl_edge.runtime.pipeline import QwenVL
+
+    model = QwenVL(bundle_dir, **kwargs)
+    try:
+        model.create_chat_completion([{"role": "user", "content": "Hello"}], max_tokens=1, temperature=0)
+    except BaseException:
+        model.close()
+        raise
+    return model
 
 
 def _interrupt(_signum, _frame) -> None:

@@ -9,6 +9,14 @@ const COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"
 
 const state = { model: null, photo: null, messages: [], controller: null, boxes: [] };
 
+// Sampling from the page's address, e.g. /?temperature=0&max_tokens=64 (default: the model's own).
+const SAMPLING = {};
+for (const [name, parse] of [["max_tokens", parseInt], ["temperature", parseFloat], ["top_p", parseFloat],
+                             ["top_k", parseInt], ["seed", parseInt]]) {
+  const value = new URLSearchParams(location.search).get(name);
+  if (value !== null && !Number.isNaN(parse(value))) SAMPLING[name] = parse(value);
+}
+
 function apiKey() { return localStorage.getItem("qwenvl-edge-api-key") || ""; }
 
 async function api(path, options = {}) {
@@ -36,9 +44,9 @@ async function watchHealth() {
   try {
     const r = await fetch("/health");
     if (r.ok) {
-      $("status").textContent = "ready";
       const models = await api("/v1/models");
       if (models.ok) { state.model = (await models.json()).data[0].id; $("model").textContent = state.model; }
+      $("status").textContent = "ready";
       return;
     }
     $("status").textContent = r.status === 503 ? "loading the model…" : await errorText(r);
@@ -126,7 +134,10 @@ function drawBoxes(boxes) {
 function addMessage(role, text) {
   const li = document.createElement("li");
   li.className = "msg " + role;
-  li.textContent = text;
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  li.appendChild(body);
   $("transcript").appendChild(li);
   li.scrollIntoView({ block: "end" });
   return li;
@@ -175,9 +186,11 @@ async function ask(text) {
   const question = userMessage(text);
   addMessage("user", text);
   const answer = addMessage("assistant", "");
+  const answerText = answer.querySelector(".text");
+  let updates = 0;
   answer.classList.add("streaming");
-  const body = { model: state.model || undefined, messages: state.messages.concat([question]), stream: true,
-                 stream_options: { include_usage: true } };
+  const body = Object.assign({ model: state.model || undefined, messages: state.messages.concat([question]),
+                               stream: true, stream_options: { include_usage: true } }, SAMPLING);
   state.controller = new AbortController();
   busy(true);
   const started = performance.now();
@@ -197,7 +210,10 @@ async function ask(text) {
         reply += piece;
         if (choice.boxes) boxes = choice.boxes;
       }
-      answer.textContent = reply;
+      if (answerText.textContent !== reply) {
+        answerText.textContent = reply;
+        answer.dataset.updates = ++updates;   // how many times the answer grew while it streamed
+      }
     }
     state.messages.push(question, { role: "assistant", content: reply });
     drawBoxes(boxes);
