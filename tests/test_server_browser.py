@@ -13,6 +13,7 @@ import pytest
 from tests.server_harness import ServerProcess, require_tool
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+SHOT = ARTIFACTS / "server-page.png"
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                 "--window-size=1280,860"]
@@ -92,6 +93,15 @@ def test_page_asks_about_a_photo_and_streams_the_answer(browser, server, golden)
     assert painted[3] > 0, painted  # the box's left edge is drawn over the photo
 
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "server-page.png"
-    browser.save_screenshot(str(shot))
-    assert shot.stat().st_size > 10_000
+    browser.save_screenshot(str(SHOT))
+    assert SHOT.stat().st_size > 10_000
+
+
+@pytest.fixture(autouse=True)
+def screenshot(browser):
+    """A failed test leaves its screenshot too: what the page showed when it failed."""
+    SHOT.unlink(missing_ok=True)
+    yield
+    if not SHOT.exists():
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(SHOT))
