@@ -17,8 +17,7 @@ import numpy as np
 from benchmarks.measure_cli import measure_main
 from qwenvl_edge.runtime.bundle import Bundle
 from qwenvl_edge.runtime.decoder import Decoder
-from qwenvl_edge.runtime.image_input import ImageRef
-from qwenvl_edge.runtime.prompt import PromptBuilder, Turn, n_positions
+from qwenvl_edge.runtime.prompt import ImageRef, PromptBuilder, Turn, n_positions
 
 QUESTION = "Describe this picture in detail, and read any text you can see."
 FILLER = ("The quick brown fox jumps over the lazy dog near the river bank, while a small boat drifts "

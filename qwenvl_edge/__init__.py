@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {  # importing the package must not load llama.cpp or onnxruntime
     "QwenVL": "qwenvl_edge.runtime.pipeline", "GenerationResult": "qwenvl_edge.runtime.results",
     "Timings": "qwenvl_edge.runtime.results", "Turn": "qwenvl_edge.runtime.prompt",
-    "ImageRef": "qwenvl_edge.runtime.image_input", "Box": "qwenvl_edge.runtime.boxes",
+    "ImageRef": "qwenvl_edge.runtime.prompt", "Box": "qwenvl_edge.runtime.boxes",
 }
 
 __all__ = ["QwenVLError", "__version__", *_LAZY]

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qwenvl_edge.errors import BundleError, PromptError
-from qwenvl_edge.runtime.image_input import ImageRef
-from qwenvl_edge.runtime.prompt import Unit, n_positions
+from qwenvl_edge.runtime.prompt import ImageRef, Unit, n_positions
 
 SEQ = 0  # one sequence per context
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from qwenvl_edge.errors import BundleError
-from qwenvl_edge.runtime.image_input import ImageData
+from qwenvl_edge.runtime.preprocess import ImageData
 from qwenvl_edge.runtime.results import Timings
 from qwenvl_edge.runtime.store import Expect, Store, entry_key
 
@@ -60,7 +60,7 @@ class ImageEncoder:
         from qwenvl_edge.runtime.preprocess import preprocess_image
 
         started = time.perf_counter()
-        pixels = preprocess_image(image.decode(), self.image_size)  # (3, S, S)
+        pixels = preprocess_image(image.image, self.image_size)  # (3, S, S)
         rows = self.session().encode(pixels[None])[0]  # (n_queries, hidden)
         if not self.keep_vision:
             self.release()

@@ -20,8 +20,8 @@ from qwenvl_edge import validate
 from qwenvl_edge.errors import PromptError
 from qwenvl_edge.runtime import chat_api
 from qwenvl_edge.runtime.bundle import Bundle
-from qwenvl_edge.runtime.image_input import ImageInput, ImageRef, read_image
-from qwenvl_edge.runtime.prompt import Turn, Unit
+from qwenvl_edge.runtime.preprocess import ImageSource, read_image
+from qwenvl_edge.runtime.prompt import ImageRef, Turn, Unit
 from qwenvl_edge.runtime.results import GenerationResult, Request, Timings
 from qwenvl_edge.runtime.serial import CallGuard
 from qwenvl_edge.runtime.session import Session
@@ -66,7 +66,7 @@ class QwenVL:
     def n_ctx(self) -> int:
         return self.session.n_ctx
 
-    def encode_image(self, image: ImageInput) -> np.ndarray:
+    def encode_image(self, image: ImageSource) -> np.ndarray:
         """The image's rows ``(256, hidden)`` float32, from the cache when this image was seen before."""
         with self._guard.call():
             return self.session.encoder.rows(read_image(image))
@@ -76,7 +76,7 @@ class QwenVL:
         with self._guard.call():
             self.session.encoder.release()
 
-    def build_prompt(self, images: Sequence[ImageInput], prompt: str, history: Sequence[Turn] = (),
+    def build_prompt(self, images: Sequence[ImageSource], prompt: str, history: Sequence[Turn] = (),
                      reserve: int = 0) -> list[Unit]:
         """Prompt units for a question about ``images`` after ``history``, checked against ``n_ctx``."""
         with self._guard.call():
@@ -84,13 +84,13 @@ class QwenVL:
 
     # --- public API ------------------------------------------------------------------------
 
-    def next_token_logits(self, images: Sequence[ImageInput] = (), prompt: str = "",
+    def next_token_logits(self, images: Sequence[ImageSource] = (), prompt: str = "",
                           history: Sequence[Turn] = (), n_positions_limit: int | None = None) -> np.ndarray:
         """Logits ``(vocab,)`` after the prompt (or after its first ``n_positions_limit`` positions)."""
         with self._guard.call():
             return self.session.logits(validate.image_list(images), prompt, history, n_positions_limit)
 
-    def prompt_ids(self, images: Sequence[ImageInput] = (), prompt: str = "",
+    def prompt_ids(self, images: Sequence[ImageSource] = (), prompt: str = "",
                    history: Sequence[Turn] = ()) -> list[int]:
         """The prompt's ids with -1 at image-row positions (no evaluation)."""
         from qwenvl_edge.runtime.prompt import ids_with_image_slots
@@ -114,7 +114,7 @@ class QwenVL:
                         self.info.top_k if top_k is None else validate.top_k(top_k),
                         seed, chat_api.StopStrings(stop), system)
 
-    def generate(self, images: Sequence[ImageInput] = (), prompt: str = "", history: Sequence[Turn] = (),
+    def generate(self, images: Sequence[ImageSource] = (), prompt: str = "", history: Sequence[Turn] = (),
                  max_tokens: int | None = None, temperature: float = 1.0, top_p: float | None = None,
                  stream: bool = False, *, top_k: int | None = None, stop: str | Sequence[str] | None = None,
                  seed: int | None = None) -> GenerationResult | Iterator[str]:
@@ -175,7 +175,7 @@ class QwenVL:
 
         return self._streamed(lambda: chunks(self._start(request)))
 
-    def chat(self, prompt: str, images: Sequence[ImageInput] = (), **kwargs) -> GenerationResult | Iterator[str]:
+    def chat(self, prompt: str, images: Sequence[ImageSource] = (), **kwargs) -> GenerationResult | Iterator[str]:
         """One turn of a conversation that remembers earlier turns (and keeps their KV cache)."""
         stream = kwargs.pop("stream", False)
         request = self._request(images, prompt, self.history, kwargs.pop("max_tokens", None),

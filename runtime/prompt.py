@@ -16,11 +16,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from qwenvl_edge.contract import N_QUERIES
 from qwenvl_edge.errors import PromptError
 from qwenvl_edge.runtime.bundle import ModelInfo
-from qwenvl_edge.runtime.image_input import ImageRef
 
 Tokenize = Callable[[str], list[int]]
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image in a prompt: ``key`` is its content hash, ``size`` its upright (width, height) in pixels."""
+
+    key: str
+    n_rows: int = N_QUERIES
+    size: tuple[int, int] = (0, 0)
 
 
 Unit = int | ImageRef

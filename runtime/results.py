@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qwenvl_edge.runtime.boxes import Box
-from qwenvl_edge.runtime.image_input import ImageRef
-from qwenvl_edge.runtime.prompt import Turn
+from qwenvl_edge.runtime.prompt import ImageRef, Turn
 
 
 @dataclass

@@ -27,8 +27,8 @@ from qwenvl_edge.runtime.boxes import parse_boxes
 from qwenvl_edge.runtime.bundle import Bundle
 from qwenvl_edge.runtime.decoder import Decoder, Tokenizer, load_model
 from qwenvl_edge.runtime.image_encoder import ImageEncoder
-from qwenvl_edge.runtime.image_input import ImageData, ImageRef, read_image
-from qwenvl_edge.runtime.prompt import PromptBuilder, Turn, Unit, n_positions
+from qwenvl_edge.runtime.preprocess import ImageData, read_image
+from qwenvl_edge.runtime.prompt import ImageRef, PromptBuilder, Turn, Unit, n_positions
 from qwenvl_edge.runtime.results import GenerationResult, Request, Timings
 from qwenvl_edge.runtime.store import Expect, Store, entry_key
 
@@ -121,11 +121,11 @@ class Session:
     def read(self, images: Sequence[Any], datas: dict[str, ImageData]) -> tuple[ImageRef, ...]:
         """Refs of ``images`` (``ImageRef``s pass through); each new image's data goes into ``datas``."""
         refs = []
-        for i, image in enumerate(images, 1):
+        for image in images:
             if isinstance(image, ImageRef):
                 refs.append(image)
                 continue
-            data = read_image(image, f"image {i}")
+            data = read_image(image)
             datas.setdefault(data.key, data)
             refs.append(ImageRef(data.key, self.info.n_queries, data.size))
         return tuple(refs)
@@ -296,10 +296,7 @@ def cut_units(units: list[Unit], limit: int) -> list[Unit]:
 
 
 def check_metadata(meta: dict[str, str], info, path) -> None:
-    """The GGUF's architecture and ``qwenvl.*`` facts must be the manifest's (a file of another model is refused)."""
-    arch = meta.get("general.architecture")
-    if arch != "qwen":
-        raise BundleError(f"{path}: architecture {arch!r}, a Qwen-VL bundle needs 'qwen'")
+    """The GGUF's ``qwenvl.*`` facts must be the manifest's (``Bundle.open`` checked the architecture and sizes)."""
     expected = contract.gguf_metadata(image_start_id=info.image_start_id, n_queries=info.n_queries,
                                       image_size=info.image_size, system_prompt=info.system_prompt,
                                       top_p=info.top_p, top_k=info.top_k, max_new_tokens=info.max_new_tokens,

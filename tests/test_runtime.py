@@ -205,8 +205,7 @@ def test_chat_command_keeps_the_conversation(f32_bundle: Path, golden, capsys, m
 
 
 def test_old_turns_are_dropped_to_fit(f32_bundle: Path, golden) -> None:
-    from qwenvl_edge.runtime.image_input import ImageRef
-    from qwenvl_edge.runtime.prompt import Turn
+    from qwenvl_edge.runtime.prompt import ImageRef, Turn
 
     with QwenVL(f32_bundle, n_threads=2, n_ctx=768, cache_dir=None) as m:
         old = Turn("What is written on the sign?", (ImageRef("a"),), "a sign")

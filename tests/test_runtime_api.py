@@ -98,7 +98,7 @@ def test_image_inputs_of_every_kind_give_the_same_rows(model: QwenVL, golden) ->
     assert not handle.closed  # the caller's file object stays theirs
 
 
-@pytest.mark.parametrize("bad", [None, 0, 3.5, np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32), b"",
+@pytest.mark.parametrize("bad", [None, 0, 3.5, np.zeros((4, 4, 3), np.float32), b"",
                                  io.StringIO("text")])
 def test_bad_image_inputs_are_one_line_errors(model: QwenVL, bad) -> None:
     with pytest.raises(ImageError) as e:
