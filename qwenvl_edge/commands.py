@@ -97,7 +97,7 @@ def _open_model(a: argparse.Namespace):
 
 
 def _default_cache():
-    from qwenvl_edge.runtime.embedding_cache import default_cache_dir
+    from qwenvl_edge.runtime.store import default_store_dir as default_cache_dir
 
     return default_cache_dir()
 
