@@ -36,7 +36,6 @@ from qwenvl_edge.server.schema import FIELD_NAMES, ChatRequest, engine_messages
 
 log = logging.getLogger("qwenvl_edge.server")
 STATIC = files("qwenvl_edge.server") / "static"
-DISCONNECT_POLL_S = 0.25
 
 
 class ServerState:
@@ -174,12 +173,10 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
 
 
 async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
-    """Set the ticket's cancel event when the client goes away (checked a few times a second)."""
-    while not ticket.cancel.is_set():
-        if await request.is_disconnected():
-            ticket.cancel.set()
-            return
-        await asyncio.sleep(DISCONNECT_POLL_S)
+    """Set the ticket's cancel event the moment the client goes away (the server's ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    ticket.cancel.set()
 
 
 async def _head(chunks: AsyncIterator[dict]) -> list[dict]:
