@@ -85,7 +85,9 @@ def test_page_asks_about_a_photo_and_streams_the_answer(browser, server, golden)
     assert messages[0].text == case["text"]
 
     # the random model writes no boxes: draw known ones through the page's own code path
-    browser.execute_script("drawBoxes([{label: 'the sign', norm: [120, 200, 880, 700], pixels: [0, 0, 0, 0]}])")
+    browser.execute_script("const i = document.getElementById('photo'), n = [120, 200, 880, 700];"
+                           "drawBoxes([{label: 'the sign', norm: n, pixels: n.map((v, k) => "
+                           "v / 1000 * (k % 2 ? i.naturalHeight : i.naturalWidth))}])")
     assert browser.find_element(By.CSS_SELECTOR, "#box-list li").text.startswith("the sign")
     painted = browser.execute_script(
         "const c = document.getElementById('boxes'); const g = c.getContext('2d');"
