@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 
+from qwenvl_edge import validate
 from qwenvl_edge.errors import QwenVLError
 from qwenvl_edge.server.options import config_from_args
 
@@ -82,6 +83,8 @@ def _interrupt(_signum, _frame) -> None:
 
 def _check(a: argparse.Namespace) -> None:
     """The options' values, before anything starts (one line each, as the CLI prints errors)."""
+    validate.n_ctx(a.n_ctx)
+    validate.n_threads(a.threads)
     for name in ("max_images", "max_image_pixels", "max_body_mb", "request_timeout", "remote_max_mb", "remote_timeout"):
         value = getattr(a, name)
         if not (math.isfinite(value) and value > 0):

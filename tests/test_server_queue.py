@@ -170,6 +170,8 @@ def test_serve_start_up_errors_are_one_line(f32_bundle, tmp_path) -> None:
         for args in (["--bundle", str(tmp_path / "nothing")],
                      ["--bundle", str(f32_bundle), "--port", str(taken.getsockname()[1])],
                      ["--bundle", str(f32_bundle), "--max-images", "0"],
+                     ["--bundle", str(f32_bundle), "--n-ctx", "1000"],
+                     ["--bundle", str(f32_bundle), "--threads", "0"],
                      ["--bundle", str(f32_bundle), "--remote-timeout", "nan"],
                      ["--bundle", str(f32_bundle), "--media-dir", str(tmp_path / "nothing")]):
             r = run_serve(*args, tmp_path=tmp_path)
