@@ -26,7 +26,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwenvl_edge.errors import QwenVLError
+from qwenvl_edge.errors import ImageError, OptionError, PromptError, QwenVLError
+from qwenvl_edge.runtime.serial import ClosedError
 from qwenvl_edge.server.errors import APIError, bad_request, error_body, sse_error
 from qwenvl_edge.server.images import ImageResolver
 from qwenvl_edge.server.limits import BodyLimit
@@ -235,12 +236,20 @@ ENGINE_PARAMS = re.compile(r"(messages\[\d+\]|max_tokens|temperature|top_p|top_k
 
 
 def _engine_error(e: QwenVLError) -> APIError:
-    """The engine refused the request (its own validation, before any evaluation): 400, with the
-    argument its message starts with as ``param``, and a prompt over the context named as such."""
+    """What the engine raised, as the client should see it. Its checks of the request (prompt, image,
+    options; all before any evaluation) are 400, with the argument its message starts with as ``param``
+    and a prompt over the context named as such; a closed engine is 503; anything else (say, the bundle
+    changed under the server) is the server's fault: 500."""
     message = str(e)
-    code = "context_length_exceeded" if "context" in message.lower() else None
-    m = ENGINE_PARAMS.match(message)
-    return bad_request(message, param=m.group(1) if m else None, code=code)
+    if isinstance(e, (PromptError, ImageError, OptionError)):
+        code = "context_length_exceeded" if "context" in message.lower() else None
+        m = ENGINE_PARAMS.match(message)
+        return bad_request(message, param=m.group(1) if m else None, code=code)
+    if isinstance(e, ClosedError):
+        return APIError(503, "the server is shutting down", type="unavailable_error", code="shutting_down")
+    log.error("engine error: %s", message)  # the details (paths) stay in the server's log
+    return APIError(500, f"the engine failed ({type(e).__name__}); the server's log says why", type="server_error",
+                    code="engine_error")
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -262,7 +271,7 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QwenVLError)
     async def engine_refused(_request: Request, e: QwenVLError) -> JSONResponse:
         err = _engine_error(e)
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(Exception)
     async def crashed(_request: Request, e: Exception) -> JSONResponse:

@@ -129,6 +129,19 @@ def test_raw_stream_ends_with_done(server, golden) -> None:
     assert all(e.startswith("data: ") for e in events)
 
 
+def test_stop_and_seed(client, golden) -> None:
+    case = golden.cases["text_only"]
+    cut = case["generated_text"][10:16]
+    r = client.chat.completions.create(model=MODEL, messages=user(case["text"]), temperature=0,
+                                       max_tokens=golden.max_new_tokens, stop=[cut])
+    assert r.choices[0].message.content == case["generated_text"][:case["generated_text"].index(cut)]
+    assert r.choices[0].finish_reason == "stop"
+    sampled = [client.chat.completions.create(model=MODEL, messages=user(case["text"]), temperature=1.0, top_p=0.9,
+                                              max_tokens=12, seed=seed).choices[0].message.content
+               for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
 def test_image_from_media_dir_and_remote_equal_the_data_uri(client, golden, host, media) -> None:
     case = golden.cases["one_image"]
     for url in ["sign.png", "sub/sign.png", f"file://{media}/sign.png", f"{host.url}/sign.png"]:

@@ -6,6 +6,7 @@ image sources switched off by default, and the command's own start-up errors.
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -154,6 +155,24 @@ def test_generation_past_the_time_limit_ends_with_an_sse_error_event(held_model)
     with pytest.raises(openai.APIError, match="limit"):  # the openai client raises it mid-stream
         for _ in open_stream(server.url):
             pass
+
+
+def test_engine_failure_is_500_and_the_server_goes_on(f32_bundle, tmp_path, golden) -> None:
+    """The bundle's vision model removed under a running server (it opens on the first image): that
+    request gets 500 in the error shape, text questions are still answered."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(f32_bundle, bundle)
+    s = ServerProcess(bundle, tmp_path / "server")
+    try:
+        (bundle / "vision.onnx").unlink()
+        r = post(s, {"model": MODEL, "messages": user("what?", data_uri(golden.images["sign"])), "max_tokens": 2},
+                 key=None)
+        assert_error(r, 500)
+        assert r.json()["error"]["type"] == "server_error"
+        r = post(s, {"model": MODEL, "messages": user("hi"), "max_tokens": 2}, key=None)
+        assert r.status_code == 200
+    finally:
+        assert s.stop() == 0
 
 
 def run_serve(*args: str, tmp_path) -> subprocess.CompletedProcess:
