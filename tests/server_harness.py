@@ -152,6 +152,7 @@ class InProcessServer:
 
         self.load_errors: list[BaseException] = []
         app = create_app(config, load_model, self.load_errors.append)
+        self.state = app.state.server  # .model: the engine, once loaded
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

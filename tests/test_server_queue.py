@@ -175,6 +175,28 @@ def test_engine_failure_is_500_and_the_server_goes_on(f32_bundle, tmp_path, gold
         assert s.stop() == 0
 
 
+def test_follow_up_about_the_same_photo_evaluates_only_its_new_tokens(held_model, golden) -> None:
+    """A chat app resends the whole conversation with one more question: the engine, behind the server,
+    evaluates only the new turn (counted by its own prefill counters) and reuses the photo's rows."""
+    server, gate = held_model
+    gate.set()
+    wait_healthy(server)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    messages = user(golden.cases["one_image"]["text"], data_uri(golden.images["sign"]))
+    first = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8)
+    timings = server.state.model.last_result.timings
+    assert timings.prefill_positions + timings.reused_positions == first.usage.prompt_tokens
+    follow = [*messages, {"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "And what colour is it?"}]
+    second = client.chat.completions.create(model=MODEL, messages=follow, temperature=0, max_tokens=4)
+    timings = server.state.model.last_result.timings
+    new = second.usage.prompt_tokens - first.usage.prompt_tokens  # the answer, then the new question
+    assert timings.reused_positions >= first.usage.prompt_tokens  # system, image rows, first question reused
+    assert 0 < timings.prefill_positions <= new  # only the new turn evaluated
+    assert timings.images_encoded == 0
+    assert timings.reused_positions + timings.prefill_positions == second.usage.prompt_tokens
+
+
 def run_serve(*args: str, tmp_path) -> subprocess.CompletedProcess:
     env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
     return subprocess.run([sys.executable, "-m", "qwenvl_edge.cli", "serve", *args], capture_output=True, text=True,
