@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,19 +20,17 @@ from importlib.resources import files
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwenvl_edge.errors import ImageError, OptionError, PromptError, QwenVLError
-from qwenvl_edge.runtime.serial import ClosedError
-from qwenvl_edge.server.errors import APIError, bad_request, error_body, sse_error
+from qwenvl_edge.errors import QwenVLError
+from qwenvl_edge.server.errors import APIError, bad_request, sse_error
+from qwenvl_edge.server.handlers import engine_error, install_error_handlers
 from qwenvl_edge.server.images import ImageResolver
 from qwenvl_edge.server.limits import BodyLimit
 from qwenvl_edge.server.options import ServeConfig
 from qwenvl_edge.server.scheduler import Cancelled, Scheduler, Ticket
-from qwenvl_edge.server.schema import FIELD_NAMES, ChatRequest, engine_messages
+from qwenvl_edge.server.schema import ChatRequest, engine_messages
 
 log = logging.getLogger("qwenvl_edge.server")
 STATIC = files("qwenvl_edge.server") / "static"
@@ -88,7 +85,7 @@ def create_app(config: ServeConfig, load_model: Callable[[], Any],
     app = FastAPI(title="qwenvl-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes)
-    _error_handlers(app)
+    install_error_handlers(app)
 
     def authorize(request: Request) -> None:
         if config.api_key is None:
@@ -165,7 +162,7 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
         if isinstance(e, Cancelled):
             return Response(status_code=499)  # the client has gone: nobody reads this
         if isinstance(e, QwenVLError):
-            raise _engine_error(e) from None
+            raise engine_error(e) from None
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(_sse(head, chunks, include_usage, config.model_id, ticket, watcher),
@@ -213,7 +210,7 @@ async def _sse(head: list[dict], chunks: AsyncIterator[dict], include_usage: boo
     except APIError as e:
         yield sse_error(e)
     except QwenVLError as e:
-        yield sse_error(_engine_error(e))
+        yield sse_error(engine_error(e))
     except Exception as e:
         log.exception("generation failed mid-stream")
         yield sse_error(APIError(500, f"the generation failed: {type(e).__name__}", type="server_error"))
@@ -230,65 +227,3 @@ def _event(data: dict) -> bytes:
 def _named(result: dict, model_id: str) -> dict:
     """The engine's dict with the served model id (clients match it against /v1/models)."""
     return {**result, "model": model_id}
-
-
-ENGINE_PARAMS = re.compile(r"(messages\[\d+\]|max_tokens|temperature|top_p|top_k|stop|seed)\b")
-
-
-def _engine_error(e: QwenVLError) -> APIError:
-    """What the engine raised, as the client should see it. Its checks of the request (prompt, image,
-    options; all before any evaluation) are 400, with the argument its message starts with as ``param``
-    and a prompt over the context named as such; a closed engine is 503; anything else (say, the bundle
-    changed under the server) is the server's fault: 500."""
-    message = str(e)
-    if isinstance(e, (PromptError, ImageError, OptionError)):
-        code = "context_length_exceeded" if "context" in message.lower() else None
-        m = ENGINE_PARAMS.match(message)
-        return bad_request(message, param=m.group(1) if m else None, code=code)
-    if isinstance(e, ClosedError):
-        return APIError(503, "the server is shutting down", type="unavailable_error", code="shutting_down")
-    log.error("engine error: %s", message)  # the details (paths) stay in the server's log
-    return APIError(500, f"the engine failed ({type(e).__name__}); the server's log says why", type="server_error",
-                    code="engine_error")
-
-
-def _error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse(_validation_body(e), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        message = {404: "no such endpoint", 405: "method not allowed"}.get(e.status_code, str(e.detail))
-        return JSONResponse(error_body(message, "invalid_request_error", None, codes.get(e.status_code)),
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(QwenVLError)
-    async def engine_refused(_request: Request, e: QwenVLError) -> JSONResponse:
-        err = _engine_error(e)
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(Exception)
-    async def crashed(_request: Request, e: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
-
-
-def _validation_body(e: RequestValidationError) -> dict:
-    """Pydantic's first complaint as one line, with OpenAI's ``param`` path (``messages[0].content``)."""
-    # a union (content: str | list of parts) reports each member; the deepest complaint is the telling one
-    first = max(e.errors(), key=lambda err: len(err.get("loc", ())), default={"loc": (), "msg": "invalid request"})
-    loc: list = []
-    for p in first.get("loc", ())[1:]:  # [0] is "body"; union members ("str", "float") and tags are no fields
-        if isinstance(p, int) or (p in FIELD_NAMES and (not loc or loc[-1] != p)):
-            loc.append(p)
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    if first.get("type") == "json_invalid":
-        return error_body("the request body is not valid JSON", "invalid_request_error", None, "invalid_json")
-    msg = first.get("msg", "invalid value")
-    return error_body(f"{param}: {msg}" if param else msg, "invalid_request_error", param, "invalid_value")
