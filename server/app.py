@@ -150,10 +150,8 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
     watcher = asyncio.create_task(_watch_disconnect(request, ticket))
     try:
         if not body.stream:
-            try:
-                result = await state.scheduler.run(lambda: model.create_chat_completion(messages, **args), ticket)
-            finally:
-                watcher.cancel()
+            result = await state.scheduler.run(lambda: model.create_chat_completion(messages, **args), ticket)
+            watcher.cancel()
             return JSONResponse(_named(result, config.model_id))
         chunks = state.scheduler.stream(lambda: model.create_chat_completion(messages, stream=True, **args), ticket)
         head = await _head(chunks)  # errors before the first token still get their own status
