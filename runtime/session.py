@@ -164,9 +164,9 @@ class Session:
             state = self.store.get("prefix", key, STATE)
             if state is not None and decoder.load_state(state, units[:restore]):
                 timings.restored_positions = n_positions(units[:restore])
-            else:
+            elif state is not None:  # checked fine but llama.cpp refused it (another llama.cpp build)
                 self.store.drop("prefix", key)
-                log.warning("a stored prefix state was refused; evaluating the prompt instead")
+                log.warning("llama.cpp refused a stored prefix state; evaluating the prompt instead")
 
         def rows_of(ref: ImageRef) -> np.ndarray:
             if ref.key not in rows:
