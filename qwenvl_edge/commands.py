@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from qwenvl_edge.contract import MANIFEST_FILE
 from qwenvl_edge.errors import PromptError, QwenVLError
 
 DISCLAIMER = ("(random weights: the demo model is built from noise, so its answer is meaningless text; "
@@ -67,7 +68,7 @@ def cmd_export(a: argparse.Namespace) -> int:
                          calibration_images=tuple(a.calibration_image or ()), llm=a.llm,
                          keep_fp32_vision=a.keep_fp32_vision, n_threads=a.threads, force=a.force)
     out = export_bundle(a.checkpoint, a.out, opts, progress=ProgressPrinter())
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     for name, entry in manifest["files"].items():
         print(f"{entry['bytes'] / 2**20:10.1f} MiB  {out / name}")
     report = manifest["vision"].get("quality")
@@ -212,7 +213,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     home = Path(a.dir)
     ckpt, bundle = home / "tiny-checkpoint", home / "tiny-bundle"
     progress = ProgressPrinter()
-    if a.rebuild or not (bundle / "manifest.json").is_file():
+    if a.rebuild or not (bundle / MANIFEST_FILE).is_file():
         print(f"demo: writing a tiny random Qwen-VL checkpoint to {ckpt}", file=sys.stderr)
         write_checkpoint(ckpt, "tiny", seed=0, progress=progress)
         print(f"demo: exporting it (INT8 vision, {a.llm} LLM) to {bundle}", file=sys.stderr)

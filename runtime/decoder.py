@@ -181,15 +181,15 @@ class Decoder:
 
     def _decode(self, batch, n: int, start: int, logits: bool) -> None:
         """Decode the first ``n`` entries of ``batch`` at positions ``start..``; logits for the last if asked."""
-        b = batch.batch
-        b.n_tokens = n
+        raw = batch.batch  # the llama_batch struct, filled in place (allocated once)
+        raw.n_tokens = n
         for i in range(n):
-            b.pos[i] = start + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = SEQ
-            b.logits[i] = False
-        b.logits[n - 1] = logits
-        rc = self._llama_cpp.llama_decode(self.ctx.ctx, b)
+            raw.pos[i] = start + i
+            raw.n_seq_id[i] = 1
+            raw.seq_id[i][0] = SEQ
+            raw.logits[i] = False
+        raw.logits[n - 1] = logits
+        rc = self._llama_cpp.llama_decode(self.ctx.ctx, raw)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} at position {start}")
         self.n_evaluated += n
@@ -203,11 +203,11 @@ class Decoder:
         if bad:
             raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
         self.ctx.kv_cache_seq_rm(SEQ, self.n_past, -1)  # what a failed call may have left past the mirror
-        b = self._tokens.batch
+        ids = self._tokens.batch.token
         for start in range(0, len(tokens), self.n_batch):
             piece = tokens[start:start + self.n_batch]
             for i, tok in enumerate(piece):
-                b.token[i] = tok
+                ids[i] = tok
             self._decode(self._tokens, len(piece), self.n_past, start + len(piece) == len(tokens))
             self.units.extend(piece)
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from qwenvl_edge import contract
 from qwenvl_edge.errors import BundleError, PromptError
+from qwenvl_edge.runtime import memory
 from qwenvl_edge.runtime.boxes import parse_boxes
 from qwenvl_edge.runtime.bundle import Bundle
 from qwenvl_edge.runtime.decoder import Decoder, Tokenizer, load_model
@@ -49,7 +50,7 @@ class Session:
     """One bundle's engines, loaded on first need, and the prompt logic between them."""
 
     def __init__(self, bundle: Bundle, store: Store, n_ctx: int = 2048, n_threads: int | None = None,
-                 keep_vision: bool = True, verbose: bool = False, use_mmap: bool = False):
+                 keep_vision: bool = True, verbose: bool = False, use_mmap: bool = False, overlap: bool = True):
         self.bundle = bundle
         self.info = bundle.model
         self.store = store
@@ -60,6 +61,9 @@ class Session:
         self.encoder = ImageEncoder(bundle.vision_path, bundle.vision_sha256, self.info.hidden_size,
                                     self.info.n_queries, self.info.image_size, store, n_threads, keep_vision)
         self._decoder: Decoder | None = None
+        self._loader: threading.Thread | None = None  # a background GGUF load (see start_loading)
+        self._loaded: tuple[Decoder | None, BaseException | None] = (None, None)
+        self.overlap = overlap
         self._vocab: Tokenizer | None = None
         self.prompts = PromptBuilder(self.info, lambda text: self.tokenizer(text))
         self.boxes_size: tuple[int, int] | None = None  # boxes refer to the newest turn's first image
@@ -100,21 +104,54 @@ class Session:
         return self._decoder is not None
 
     def decoder(self, timings: Timings | None = None) -> Decoder:
-        """The llama.cpp decoder, loaded on first use (after this turn's images are encoded)."""
+        """The llama.cpp decoder, loaded on first use (or collected from the background load)."""
         if self._decoder is None:
             started = time.perf_counter()
-            decoder = Decoder(self.bundle.llm_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                              verbose=self.verbose, use_mmap=self.use_mmap)
-            if decoder.n_embd != self.info.hidden_size or decoder.n_vocab != self.info.vocab_size:
-                decoder.close()
-                raise BundleError(f"{self.bundle.llm_path}: width {decoder.n_embd} / vocab {decoder.n_vocab}, "
-                                  f"manifest says {self.info.hidden_size} / {self.info.vocab_size}: "
-                                  "parts from different exports")
+            loader, self._loader = self._loader, None
+            if loader is not None:
+                loader.join()
+                decoder, error = self._loaded
+                self._loaded = (None, None)
+                if error is not None:
+                    raise error
+            else:
+                decoder = self._load()
             self._decoder = decoder
             self._drop_vocab()
             if timings:
                 timings.load_s += time.perf_counter() - started
         return self._decoder
+
+    def _load(self) -> Decoder:
+        decoder = Decoder(self.bundle.llm_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                          verbose=self.verbose, use_mmap=self.use_mmap)
+        if decoder.n_embd != self.info.hidden_size or decoder.n_vocab != self.info.vocab_size:
+            decoder.close()
+            raise BundleError(f"{self.bundle.llm_path}: width {decoder.n_embd} / vocab {decoder.n_vocab}, "
+                              f"manifest says {self.info.hidden_size} / {self.info.vocab_size}: "
+                              "parts from different exports")
+        return decoder
+
+    def start_loading(self) -> bool:
+        """Read the GGUF in the background while images are encoded, when memory allows both at once.
+
+        On a small device (or when the memory cannot be known) the low-memory order stays: encode,
+        free the vision session, then load. Returns whether a background load was started.
+        """
+        if self._decoder is not None or self._loader is not None or not self.overlap:
+            return self._loader is not None
+        if not memory.fits_together(self.bundle, self.n_ctx):
+            return False
+
+        def load() -> None:
+            try:
+                self._loaded = (self._load(), None)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by decoder()
+                self._loaded = (None, e)
+
+        self._loader = threading.Thread(target=load, name="qwenvl-gguf-load", daemon=True)
+        self._loader.start()
+        return True
 
     # --- prompts ---------------------------------------------------------------------------
 
@@ -157,16 +194,19 @@ class Session:
         cuts = [c for c in image_cuts(units) if c > kept]
         restore = next((c for c in reversed(cuts) if self.store.has("prefix", self.prefix_key(units[:c]))), None)
         start = max(kept, restore or 0)
-        rows = {u.key: self._rows(u, datas, timings) for u in units[start:] if isinstance(u, ImageRef)}
+        needed = [u for u in units[start:] if isinstance(u, ImageRef)]
+        if needed and any(self.encoder.cached(u.key) is None for u in needed):
+            self.start_loading()  # the GGUF is read while the encoder runs, if memory allows
+        rows = {u.key: self._rows(u, datas, timings) for u in needed}
         decoder = self.decoder(timings)
         if restore is not None:
             key = self.prefix_key(units[:restore])
             state = self.store.get("prefix", key, STATE)
             if state is not None and decoder.load_state(state, units[:restore]):
                 timings.restored_positions = n_positions(units[:restore])
-            else:
+            elif state is not None:  # checked fine but llama.cpp refused it (another llama.cpp build)
                 self.store.drop("prefix", key)
-                log.warning("a stored prefix state was refused; evaluating the prompt instead")
+                log.warning("llama.cpp refused a stored prefix state; evaluating the prompt instead")
 
         def rows_of(ref: ImageRef) -> np.ndarray:
             if ref.key not in rows:
@@ -275,6 +315,8 @@ class Session:
             self._decoder.keep(0)
 
     def close(self) -> None:
+        if self._loader is not None:  # a background load must finish before its memory can be freed
+            self.decoder()
         self.wait_saved()
         self.encoder.release()
         self._drop_vocab()
