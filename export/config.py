@@ -166,7 +166,7 @@ class QwenConfig:
     def from_file(cls, path: Path) -> QwenConfig:
         if not Path(path).exists():
             raise CheckpointError(f"{path}: no config.json: not a Qwen-VL checkpoint folder")
-        return cls.from_dict(json_file(path, CheckpointError), str(path))
+        return cls.from_dict(json_file(path, CheckpointError, "config"), str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

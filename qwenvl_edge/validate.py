@@ -200,21 +200,22 @@ def image_list(images: Any) -> list:
     raise ImageError(f"images must be a list or tuple of images, got {_show(images)}")
 
 
-def json_file(path: Path, error: type[QwenVLError], max_bytes: int = 64 * 2**20) -> Any:
+def json_file(path: Path, error: type[QwenVLError], what: str = "file", max_bytes: int = 64 * 2**20) -> Any:
     """Parse a small JSON file; every way it can be wrong becomes one ``error`` line naming ``path``."""
+    bad = f"{path}: corrupt {what}:"
     try:
         size = Path(path).stat().st_size
         if size > max_bytes:
-            raise error(f"{path}: {size} bytes, too large for this file (at most {max_bytes})")
+            raise error(f"{bad} {size} bytes, more than such a file can need ({max_bytes})")
         return json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise error(f"{path}: missing") from None
     except UnicodeDecodeError:
-        raise error(f"{path}: not UTF-8 text") from None
+        raise error(f"{bad} not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise error(f"{bad} not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
-        raise error(f"{path}: JSON nested too deeply") from None
+        raise error(f"{bad} JSON nested too deeply") from None
     except (IsADirectoryError, PermissionError) as e:
         raise error(f"{path}: cannot read ({e.strerror})") from None
 
