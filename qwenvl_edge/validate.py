@@ -34,6 +34,7 @@ import json
 import math
 import operator
 import os
+from collections.abc import Callable
 from numbers import Real
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -144,34 +145,28 @@ def top_p(value: Any) -> float | None:
     return x
 
 
-def top_k(value: Any) -> int | None:
-    """Top-k: int >= 0 (0 = off)."""
+def _int_where(name: str, value: Any, ok: Callable[[int], bool], rule: str) -> int | None:
     if value is None:
         return None
-    k = _int("top_k", value)
-    if k < 0:
-        raise OptionError(f"top_k must be >= 0 (0 = off), got {k}")
-    return k
+    n = _int(name, value)
+    if not ok(n):
+        raise OptionError(f"{name} must be {rule}, got {n}")
+    return n
+
+
+def top_k(value: Any) -> int | None:
+    """Top-k: int >= 0 (0 = off)."""
+    return _int_where("top_k", value, lambda k: k >= 0, ">= 0 (0 = off)")
 
 
 def max_tokens(value: Any) -> int | None:
     """New-token budget: int >= 1."""
-    if value is None:
-        return None
-    n = _int("max_tokens", value)
-    if n < 1:
-        raise OptionError(f"max_tokens must be at least 1, got {n}")
-    return n
+    return _int_where("max_tokens", value, lambda n: n >= 1, "at least 1")
 
 
 def seed(value: Any) -> int | None:
     """Sampling seed: int in [0, 2**32) or None."""
-    if value is None:
-        return None
-    s = _int("seed", value)
-    if not 0 <= s < SEED_LIMIT:
-        raise OptionError(f"seed must be in [0, {SEED_LIMIT}), got {s}")
-    return s
+    return _int_where("seed", value, lambda s: 0 <= s < SEED_LIMIT, f"in [0, {SEED_LIMIT})")
 
 
 def question(text: Any, name: str = "prompt") -> str:
