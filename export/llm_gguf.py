@@ -150,8 +150,6 @@ def add_contract(writer: gguf.GGUFWriter, reader: CheckpointReader) -> None:
             writer.add_string(key, value)
         elif isinstance(value, float):
             writer.add_float32(key, value)
-        elif isinstance(value, list):
-            writer.add_array(key, [float(v) for v in value])
         else:
             writer.add_uint32(key, value)
     writer.add_chat_template(contract.chat_template(contract.SYSTEM_PROMPT))

@@ -79,14 +79,19 @@ def chat_template(system_prompt: str = SYSTEM_PROMPT) -> str:
             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
+def float_list(values) -> str:
+    """Three floats as one GGUF string ("0.5, 0.25, 0.125"): llama.cpp's ``llama_model_meta_val_str`` hides arrays."""
+    return ", ".join(repr(float(v)) for v in values)
+
+
 def gguf_metadata(image_start_id: int = IMAGE_START_ID, n_queries: int = N_QUERIES, image_size: int = IMAGE_SIZE,
                   system_prompt: str = SYSTEM_PROMPT, top_p: float = TOP_P, top_k: int = TOP_K,
                   max_new_tokens: int = MAX_NEW_TOKENS, eos_id: int = EOS_ID) -> dict[str, Any]:
-    """The ``qwenvl.*`` keys and their values as the exporter writes them (ints, floats, strings, float lists)."""
+    """The ``qwenvl.*`` keys and their values as the exporter writes them (ints, floats, strings)."""
     return {
         KEY_EOS_ID: eos_id, KEY_IM_START_ID: IM_START_ID, KEY_IM_END_ID: IM_END_ID, KEY_REF_START_ID: REF_START_ID,
         KEY_IMAGE_START_ID: image_start_id, KEY_IMAGE_END_ID: image_start_id + 1,
         KEY_IMAGE_PAD_ID: image_start_id + 2, KEY_N_QUERIES: n_queries, KEY_IMAGE_SIZE: image_size,
-        KEY_IMAGE_MEAN: list(IMAGE_MEAN), KEY_IMAGE_STD: list(IMAGE_STD), KEY_SYSTEM_PROMPT: system_prompt,
+        KEY_IMAGE_MEAN: float_list(IMAGE_MEAN), KEY_IMAGE_STD: float_list(IMAGE_STD), KEY_SYSTEM_PROMPT: system_prompt,
         KEY_TOP_P: float(top_p), KEY_TOP_K: top_k, KEY_MAX_NEW_TOKENS: max_new_tokens,
     }

@@ -114,24 +114,34 @@ def new_id() -> tuple[str, int]:
     return f"chatcmpl-{uuid.uuid4()}", int(time.time())
 
 
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """Token counts (image rows count as prompt positions); ``cached_tokens``: positions the KV cache re-used."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
 def completion(request: tuple[str, int], model: str, text: str, finish_reason: str, boxes: Sequence[dict],
-               prompt_tokens: int, completion_tokens: int) -> dict:
-    """One ``chat.completion`` object."""
+               counts: dict) -> dict:
+    """One ``chat.completion`` object (``counts`` from ``usage``)."""
     return {"id": request[0], "object": "chat.completion", "created": request[1], "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                          "finish_reason": finish_reason, "boxes": list(boxes)}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": counts}
 
 
 def chunk(request: tuple[str, int], model: str, delta: dict, finish_reason: str | None = None,
-          boxes: Sequence[dict] | None = None) -> dict:
-    """One ``chat.completion.chunk``: the role first, then content pieces, then ``{}`` with the finish reason."""
+          boxes: Sequence[dict] | None = None, counts: dict | None = None) -> dict:
+    """One ``chat.completion.chunk``: the role first, then content pieces, then ``{}`` with the finish reason
+    (and, on that last chunk, ``boxes`` and ``usage``)."""
     choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     if boxes is not None:
         choice["boxes"] = list(boxes)
-    return {"id": request[0], "model": model, "created": request[1], "object": "chat.completion.chunk",
-            "choices": [choice]}
+    out = {"id": request[0], "model": model, "created": request[1], "object": "chat.completion.chunk",
+           "choices": [choice]}
+    if counts is not None:
+        out["usage"] = counts
+    return out
 
 
 class StopStrings:

@@ -80,7 +80,7 @@ class QwenVL:
                      reserve: int = 0) -> list[Unit]:
         """Prompt units for a question about ``images`` after ``history``, checked against ``n_ctx``."""
         with self._guard.call():
-            return self.session.build(validate.image_list(images), prompt, history, reserve=reserve)[0]
+            return self.session.build(validate.image_list(images), prompt, history, reserve=reserve)
 
     # --- public API ------------------------------------------------------------------------
 
@@ -164,14 +164,14 @@ class QwenVL:
                     pass
                 r = self.last_result
             return chat_api.completion(ident, model, r.text, r.finish_reason, [b.to_dict() for b in r.boxes],
-                                       r.prompt_positions, len(r.token_ids))
+                                       _usage(r))
 
         def chunks(pieces: Iterator[str]) -> Iterator[dict]:
             yield chat_api.chunk(ident, model, {"role": "assistant"})
             for piece in pieces:
                 yield chat_api.chunk(ident, model, {"content": piece})
             r = self.last_result
-            yield chat_api.chunk(ident, model, {}, r.finish_reason, [b.to_dict() for b in r.boxes])
+            yield chat_api.chunk(ident, model, {}, r.finish_reason, [b.to_dict() for b in r.boxes], _usage(r))
 
         return self._streamed(lambda: chunks(self._start(request)))
 
@@ -223,3 +223,7 @@ class QwenVL:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _usage(r: GenerationResult) -> dict:
+    return chat_api.usage(r.prompt_positions, len(r.token_ids), r.timings.reused_positions)

@@ -36,14 +36,7 @@ from qwenvl_edge.runtime.store import Expect, Store, entry_key
 log = logging.getLogger(__name__)
 
 STATE = Expect("uint8", (None,))
-
-
-def image_cuts(units: Sequence[Unit]) -> list[int]:
-    """Unit counts that end right after an image's rows: where a prefix state is worth keeping.
-
-    Cutting there keeps the evaluation in the same batches as one uninterrupted prefill.
-    """
-    return [i + 1 for i, unit in enumerate(units) if isinstance(unit, ImageRef)]
+PROMPT_FORMAT = "qwen-vl-chatml-1"  # bump when PromptBuilder changes how a prompt is laid out
 
 
 class Session:
@@ -167,43 +160,71 @@ class Session:
             refs.append(ImageRef(data.key, self.info.n_queries, data.size))
         return tuple(refs)
 
-    def build(self, images: Sequence[Any], question: str, history: Sequence[Turn], system: str | None = None,
-              reserve: int = 0) -> tuple[list[Unit], tuple[ImageRef, ...], list[Turn], dict[str, ImageData]]:
-        """The prompt's units, this turn's refs, the history with refs, and the data of images read."""
+    def read_turn(self, images: Sequence[Any], history: Sequence[Turn]
+                  ) -> tuple[tuple[ImageRef, ...], list[Turn], dict[str, ImageData]]:
+        """This turn's refs, the history with refs, and the data of every image read (each read once)."""
         need = len(images) * contract.POSITIONS_PER_IMAGE
         if need > self.n_ctx:
             raise PromptError(f"{len(images)} image(s) need {need} positions but the context holds {self.n_ctx}")
         datas: dict[str, ImageData] = {}
         refs = self.read(images, datas)
         turns = [Turn(t.question, self.read(t.images, datas), t.answer) for t in history]
-        units = self.prompts.build(Turn(question, refs), turns, system=system, n_ctx=self.n_ctx, reserve=reserve)
-        return units, refs, turns, datas
+        return refs, turns, datas
+
+    def build(self, images: Sequence[Any], question: str, history: Sequence[Turn], system: str | None = None,
+              reserve: int = 0) -> list[Unit]:
+        """The prompt's units (with the decoder's tokenizer, or a vocab-only one when it is not loaded)."""
+        refs, turns, _ = self.read_turn(images, history)
+        return self.prompts.build(Turn(question, refs), turns, system=system, n_ctx=self.n_ctx, reserve=reserve)
 
     # --- prefill ---------------------------------------------------------------------------
 
-    def prefix_key(self, units: Sequence[Unit]) -> str:
+    def prefix_key(self, system: str | None, turns: Sequence[Turn], refs: Sequence[ImageRef]) -> str:
+        """The store key of a prompt's prefix up to the rows of ``refs[-1]``, without tokenizing it.
+
+        The prefix is fixed by the system prompt, the earlier turns (text and image hashes) and this
+        turn's images so far; the GGUF's fingerprint fixes how that text tokenizes.
+        """
         import llama_cpp
 
-        flat = [u if isinstance(u, int) else f"img:{u.key}:{u.n_rows}" for u in units]
+        described = {"format": PROMPT_FORMAT, "system": self.info.system_prompt if system is None else system,
+                     "history": [[t.question, [r.key for r in t.images], t.answer or ""] for t in turns],
+                     "images": [r.key for r in refs], "rows": self.info.n_queries}
         return entry_key("prefix", self.fingerprint, self.bundle.vision_sha256, llama_cpp.__version__,
-                         str(self.n_ctx), json.dumps(flat))
+                         json.dumps(described, ensure_ascii=False))
 
-    def prefill(self, units: list[Unit], datas: dict[str, ImageData], timings: Timings) -> None:
-        """Bring the decoder's KV cache to ``units``: reuse, restore, encode and evaluate only what is new."""
-        kept = self._decoder.common_prefix(units) if self._decoder is not None else 0
-        cuts = [c for c in image_cuts(units) if c > kept]
-        restore = next((c for c in reversed(cuts) if self.store.has("prefix", self.prefix_key(units[:c]))), None)
-        start = max(kept, restore or 0)
-        needed = [u for u in units[start:] if isinstance(u, ImageRef)]
-        if needed and any(self.encoder.cached(u.key) is None for u in needed):
-            self.start_loading()  # the GGUF is read while the encoder runs, if memory allows
-        rows = {u.key: self._rows(u, datas, timings) for u in needed}
+    def prefill(self, refs: tuple[ImageRef, ...], turns: list[Turn], datas: dict[str, ImageData], question: str,
+                system: str | None, timings: Timings, reserve: int = 0, limit: int | None = None) -> list[Unit]:
+        """Bring the decoder's KV cache to the prompt: reuse, restore, encode and evaluate only what is new.
+
+        In a fresh process the stored prefix states are looked up before anything loads, so only the
+        images after the restored prefix are encoded (while the GGUF is read, if memory allows).
+        Returns the prompt's units.
+        """
+        restore = next((j for j in range(len(refs), 0, -1)
+                        if self.store.has("prefix", self.prefix_key(system, turns, refs[:j]))), 0)
+        rows: dict[str, np.ndarray] = {}
+        if self._decoder is None:
+            todo = {r.key: r for r in refs[restore:]}
+            if not restore:
+                todo.update({r.key: r for t in turns for r in t.images})
+            if any(self.encoder.cached(key) is None for key in todo):
+                self.start_loading()  # the GGUF is read while the encoder runs, if memory allows
+            rows = {key: self._rows(ref, datas, timings) for key, ref in todo.items()}
         decoder = self.decoder(timings)
-        if restore is not None:
-            key = self.prefix_key(units[:restore])
+        full = self.prompts.build(Turn(question, refs), turns, system=system, n_ctx=self.n_ctx, reserve=reserve)
+        units = full if limit is None else cut_units(full, limit)
+        # the cut after each of this turn's images (its images are the prompt's last ImageRefs); a stored
+        # state applies only when no earlier turn was left out to fit the context
+        kept_all = sum(1 for u in full if u == self.info.im_start_id) == 3 + 2 * len(turns)
+        image_ends = [i + 1 for i, u in enumerate(full) if isinstance(u, ImageRef)]
+        ends = image_ends[len(image_ends) - len(refs):]
+        cut = {j: ends[j - 1] for j in range(1, len(refs) + 1)} if refs and kept_all else {}
+        if restore and restore in cut and cut[restore] <= len(units) and decoder.common_prefix(units) < cut[restore]:
+            key = self.prefix_key(system, turns, refs[:restore])
             state = self.store.get("prefix", key, STATE)
-            if state is not None and decoder.load_state(state, units[:restore]):
-                timings.restored_positions = n_positions(units[:restore])
+            if state is not None and decoder.load_state(state, units[:cut[restore]]):
+                timings.restored_positions = n_positions(units[:cut[restore]])
             elif state is not None:  # checked fine but llama.cpp refused it (another llama.cpp build)
                 self.store.drop("prefix", key)
                 log.warning("llama.cpp refused a stored prefix state; evaluating the prompt instead")
@@ -215,15 +236,17 @@ class Session:
 
         started = time.perf_counter()
         evaluated_before = decoder.n_evaluated
-        save = next((c for c in reversed(cuts) if c > decoder.common_prefix(units)), None)
-        if save is not None and self.store.folder is not None and save < len(units):
-            decoder.prefill(units[:save], rows_of)
-            self._save_state(self.prefix_key(units[:save]), decoder.save_state())
+        last = cut.get(len(refs))
+        if (last is not None and self.store.folder is not None and last < len(units)
+                and decoder.common_prefix(units) < last):
+            decoder.prefill(units[:last], rows_of)
+            self._save_state(self.prefix_key(system, turns, refs), decoder.save_state())
         decoder.prefill(units, rows_of)
         evaluated = decoder.n_evaluated - evaluated_before
         timings.reused_positions = n_positions(units) - evaluated
         timings.prefill_positions += evaluated
         timings.prefill_s += time.perf_counter() - started
+        return units
 
     def _rows(self, ref: ImageRef, datas: dict[str, ImageData], timings: Timings) -> np.ndarray:
         data = datas.get(ref.key)
@@ -250,21 +273,18 @@ class Session:
 
     def logits(self, images: Sequence[Any], question: str, history: Sequence[Turn],
                n_positions_limit: int | None = None) -> np.ndarray:
-        timings = Timings()
-        units, _, _, datas = self.build(images, question, history)
-        if n_positions_limit is not None:
-            units = cut_units(units, n_positions_limit)
-        self.prefill(units, datas, timings)
+        refs, turns, datas = self.read_turn(images, history)
+        self.prefill(refs, turns, datas, question, None, Timings(), limit=n_positions_limit)
         return self.decoder().last_logits()
 
     def start(self, r: Request) -> tuple[Iterator[str], dict]:
         """Encode and prefill now (errors raise here); return the decoding iterator and its result holder."""
         started = time.perf_counter()
         timings = Timings()
-        units, refs, turns, datas = self.build(r.images, r.prompt, r.history, r.system, reserve=1)
+        refs, turns, datas = self.read_turn(r.images, r.history)
         newest = refs or next((t.images for t in reversed(turns) if t.images), ())
         boxes_size = newest[0].size if newest else self.boxes_size
-        self.prefill(units, datas, timings)
+        units = self.prefill(refs, turns, datas, r.prompt, r.system, timings, reserve=1)
         self.boxes_size = boxes_size
         sampler = self.decoder().make_sampler(r.temperature, r.top_p, r.top_k, r.seed)
         holder: dict = {}

@@ -47,6 +47,7 @@ def test_chat_completion_greedy_is_golden(model: QwenVL, golden, name: str) -> N
     usage = out["usage"]
     assert usage["prompt_tokens"] == len(case["input_ids"]) and usage["completion_tokens"] == golden.max_new_tokens
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
 
 
 def test_chat_completion_stream_chunks(model: QwenVL, golden) -> None:
@@ -56,6 +57,7 @@ def test_chat_completion_stream_chunks(model: QwenVL, golden) -> None:
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 10 and "usage" not in chunks[0]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert case["generated_text"].startswith(text) and len(text) > 5
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
@@ -82,6 +84,7 @@ def test_resent_conversation_reuses_the_kv_prefix(model: QwenVL, golden) -> None
     messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the colour?"}]
     second = model.create_chat_completion(messages, max_tokens=3, temperature=0)
     reused = model.last_result.timings.reused_positions
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == reused
     assert reused >= first["usage"]["prompt_tokens"]  # the image and the question were not evaluated again
     assert model.last_result.timings.images_encoded == 0
     assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
