@@ -96,11 +96,6 @@ def test_streaming_gives_the_same_text(client, golden) -> None:
     assert isinstance(chunks[-1].choices[0].model_extra["boxes"], list)
 
 
-ENGINE_USAGE = pytest.mark.xfail(strict=True, reason="the engine's stream chunks carry no usage yet and its usage has "
-                                 "no prompt_tokens_details.cached_tokens (asked of the engine room)")
-
-
-@ENGINE_USAGE
 def test_stream_usage_comes_last_with_include_usage(client, golden) -> None:
     case = golden.cases["one_image"]
     chunks = list(client.chat.completions.create(model=MODEL, messages=case_messages(golden, "one_image"),
@@ -316,8 +311,8 @@ def test_wrong_method_is_405_in_the_same_shape(server) -> None:
 
 
 def test_refused_requests_never_reach_the_model(server, client, golden) -> None:
-    """Refusals between two equal requests change nothing: the same answer, and (once the engine counts
-    reused positions) the second request reuses the whole prompt but its last position."""
+    """Refusals between two equal requests change nothing: the same answer, and the second request reuses
+    the whole prompt but its last position (evaluated again for its logits)."""
     case = golden.cases["one_image"]
     messages = case_messages(golden, "one_image")
     first = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=4)
@@ -327,12 +322,9 @@ def test_refused_requests_never_reach_the_model(server, client, golden) -> None:
     again = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=4)
     assert again.choices[0].message.content == first.choices[0].message.content
     assert again.usage.prompt_tokens == len(case["input_ids"])
-    details = again.usage.prompt_tokens_details
-    if details is not None:
-        assert details.cached_tokens == len(case["input_ids"]) - 1
+    assert again.usage.prompt_tokens_details.cached_tokens == len(case["input_ids"]) - 1
 
 
-@ENGINE_USAGE
 def test_follow_up_evaluates_only_its_new_tokens(client, golden) -> None:
     """A chat app resends the whole conversation: only the new turn is evaluated (counted by the engine)."""
     messages = case_messages(golden, "one_image")

@@ -51,10 +51,10 @@ def one_request(client: openai.OpenAI, rng: random.Random, images: list[str]) ->
                 return "left"
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
-            if chunk.usage is not None:
-                assert chunk.usage.completion_tokens >= 1
-        assert finish in ("stop", "length"), "the stream ended without a finish reason"
-        return "ok"  # the client read up to data: [DONE]
+            if chunk.usage is not None:  # the last chunk, as asked with include_usage
+                assert finish in ("stop", "length") and chunk.usage.completion_tokens >= 1
+                return "ok"
+        raise AssertionError("the stream ended without a finish reason and usage")
     except openai.InternalServerError as e:
         assert e.status_code == 503 and int(e.response.headers["retry-after"]) >= 1, e
         return "busy"
