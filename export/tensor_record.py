@@ -28,6 +28,8 @@ RAW_DTYPES: dict[str, np.dtype] = {
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns -> float32, exactly (gguf's BF16 dequantizer: bf16 is the top half of an f32)."""
     flat = np.ascontiguousarray(bits, dtype=np.uint16).reshape(-1)
+    if flat.size == 0:  # gguf's dequantizer cannot reshape an empty tensor
+        return np.empty(np.shape(bits), dtype=np.float32)
     return gguf.quants.dequantize(flat.view(np.uint8), BF16).reshape(np.shape(bits))
 
 

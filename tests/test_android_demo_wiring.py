@@ -27,7 +27,8 @@ CMAKE = ROOT / "CMakeLists.txt"
 NATIVE_METHODS = {
     "open": "long open(String ggufPath, int nCtx, int nThreads)",
     "close": "void close(long handle)",
-    "preprocess": "float[] preprocess(byte[] pixels, int width, int height, int channels, int imageSize)",
+    "preprocess": ("float[] preprocess(byte[] pixels, int width, int height, int channels, int imageSize, "
+                   "float[] mean, float[] std)"),
     "generate": ("String generate(long handle, float[][] imageRows, String question, int maxTokens, "
                  "float temperature, float topP, TokenCallback callback)"),
     "resetChat": "void resetChat(long handle)",
