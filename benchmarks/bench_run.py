@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.process_stats import run_measured
+from qwenvl_edge.contract import LLM_FILE
 
 MAX_TOKENS = 16
 
@@ -31,7 +32,7 @@ def run_once(bundle: Path, image: Path, question: str, release_vision: bool, thr
 
 
 def measure(bundle: Path, image: Path, question: str, runs: int, threads: int | None) -> dict:
-    gguf_bytes = (bundle / "llm.gguf").stat().st_size
+    gguf_bytes = (bundle / LLM_FILE).stat().st_size
     out: dict = {"run_runs": runs}
     for mode, release in (("kept", False), ("released", True)):
         results = [run_once(bundle, image, question, release, threads) for _ in range(runs)]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenvl_edge import __version__
+from qwenvl_edge import __version__, contract
 from qwenvl_edge.errors import QwenVLError
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.runtime.bundle import LLM_FILE, VISION_FILE, ModelInfo, make_manifest
@@ -48,9 +48,9 @@ def model_info(reader: CheckpointReader) -> ModelInfo:
         hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, seq_length=cfg.seq_length,
         image_size=cfg.visual.image_size, n_queries=cfg.visual.n_queries,
         image_start_id=cfg.visual.image_start_id,
-        eos_token_id=int(gen.get("eos_token_id", 151643)),
-        top_p=float(gen.get("top_p", 0.3)), top_k=int(gen.get("top_k", 0)),
-        max_new_tokens=int(gen.get("max_new_tokens", 512)),
+        eos_token_id=int(gen.get("eos_token_id", contract.EOS_ID)),
+        top_p=float(gen.get("top_p", contract.TOP_P)), top_k=int(gen.get("top_k", contract.TOP_K)),
+        max_new_tokens=int(gen.get("max_new_tokens", contract.MAX_NEW_TOKENS)),
     )
 
 
@@ -77,7 +77,8 @@ def export_vision(reader: CheckpointReader, work: Path, opts: ExportOptions, pro
     if opts.vision == "fp32":
         build_vision_onnx(reader, work / VISION_FILE, progress)
         clock.end("vision_fp32")
-        return {"file": VISION_FILE, "precision": "fp32", "input": "pixel_values", "output": "image_embeds"}
+        return {"file": VISION_FILE, "precision": "fp32", "input": contract.VISION_INPUT,
+                "output": contract.VISION_OUTPUT}
     from qwenvl_edge.quant.onnx_int8 import quantize_vision
 
     fp32 = work / "vision_fp32.onnx"
@@ -92,7 +93,7 @@ def export_vision(reader: CheckpointReader, work: Path, opts: ExportOptions, pro
         for part in work.glob("vision_fp32.onnx*"):
             part.unlink()
     clock.end("vision_int8")
-    return {"file": VISION_FILE, "precision": "int8", "input": "pixel_values", "output": "image_embeds",
+    return {"file": VISION_FILE, "precision": "int8", "input": contract.VISION_INPUT, "output": contract.VISION_OUTPUT,
             "quality": report, **({"fp32_file": fp32.name} if opts.keep_fp32_vision else {})}
 
 
@@ -161,7 +162,7 @@ def export_bundle(checkpoint: Path, out: Path, opts: ExportOptions = ExportOptio
         manifest = make_manifest(work, model_info(reader), vision, llm, source, f"qwenvl-edge {__version__}")
         clock.end("checksums")
         manifest["export"] = {"stage_seconds": clock.stages}
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        (work / contract.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)

@@ -10,6 +10,9 @@ from __future__ import annotations
 class QwenVLError(Exception):
     """A problem with what the user gave us (checkpoint, bundle, image, prompt, option)."""
 
+    def __str__(self) -> str:  # names taken from hostile files may hold line breaks: keep the message one line
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
+
 
 class CheckpointError(QwenVLError):
     """The checkpoint folder is not a readable Qwen-VL checkpoint."""

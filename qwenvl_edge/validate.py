@@ -22,18 +22,23 @@ Rules (the README's "What is validated" section repeats them):
 - ``question``: a ``str`` that encodes as UTF-8 (invalid UTF-8 on the command line arrives as lone
   surrogates and is refused) and is not blank;
 - ``image_list``: a list or tuple (a bare string or path is refused: it is one image, not a list).
+
+Files the user hands over (checkpoint config and index, bundle manifest) go through ``json_file``
+(any JSON failure, deep nesting included, becomes the caller's error class) and ``plain_name`` (a
+file name listed inside them must name a file in the same folder: no ``/``, ``..`` or absolute path).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 import os
 from numbers import Real
-from pathlib import PurePath
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from qwenvl_edge.errors import ImageError, OptionError, PromptError
+from qwenvl_edge.errors import ImageError, OptionError, PromptError, QwenVLError
 
 N_CTX_STEP = 256
 N_CTX_MAX = 131072
@@ -193,3 +198,32 @@ def image_list(images: Any) -> list:
         raise ImageError(f"images must be a list of images, got a single {type(images).__name__}: "
                          f"pass [{_show(images)}]")
     raise ImageError(f"images must be a list or tuple of images, got {_show(images)}")
+
+
+def json_file(path: Path, error: type[QwenVLError], max_bytes: int = 64 * 2**20) -> Any:
+    """Parse a small JSON file; every way it can be wrong becomes one ``error`` line naming ``path``."""
+    try:
+        size = Path(path).stat().st_size
+        if size > max_bytes:
+            raise error(f"{path}: {size} bytes, too large for this file (at most {max_bytes})")
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: missing") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+
+
+def plain_name(name: Any, where: str, error: type[QwenVLError]) -> str:
+    """A file name listed in a manifest or index: a plain name in the same folder, nothing else."""
+    if not isinstance(name, str) or not name:
+        raise error(f"{where}: file name {_show(name)} is not a non-empty string")
+    if (name in (".", "..") or PurePosixPath(name).name != name or PureWindowsPath(name).name != name
+            or "\x00" in name):
+        raise error(f"{where}: file name {_show(name)} is not a plain file name in the same folder")
+    return name

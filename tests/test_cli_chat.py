@@ -13,6 +13,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from qwenvl_edge.runtime.pipeline import QwenVL
 from tests.cli_helpers import run_cli, run_process, temp_home  # noqa: F401
 
 PROMPT = ">>> "
@@ -149,6 +150,11 @@ def test_save_writes_openai_messages(f32_bundle: Path, golden, tmp_path: Path, c
     assert messages[2]["content"][1]["text"] == "And here?"
     assert json.loads((tmp_path / "empty.json").read_text()) == []  # /reset forgot it all
     assert "[saved 4 messages" in err and "[conversation forgotten]" in err
+    with QwenVL(f32_bundle, n_threads=2, cache_dir=None) as m:  # the API takes the saved chat as it is
+        reply = m.create_chat_completion([*messages, {"role": "user", "content": "And now?"}], max_tokens=2,
+                                         temperature=0)
+    assert reply["choices"][0]["message"]["role"] == "assistant"
+    assert reply["usage"]["prompt_tokens"] > 2 * 258  # both pictures of the saved turns are in the prompt
 
 
 def test_save_to_a_bad_place_is_one_line(f32_bundle: Path, tmp_path: Path, capsys, monkeypatch) -> None:

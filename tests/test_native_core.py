@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwenvl_edge import contract
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.llm_gguf import write_llm_gguf
 
@@ -35,7 +36,7 @@ BUILD_ROOT = REPO / "native-build"
 IMAGE_ROWS = 256
 IMAGE_POSITION = -1
 GREEDY_CASES = ["one_image", "two_images", "text_only", "grounding"]  # golden/README: ids identical in F32
-STOP_IDS = {151643, 151644, 151645}
+STOP_IDS = {contract.EOS_ID, contract.IM_START_ID, contract.IM_END_ID}
 BUILD_TIMEOUT = 900  # seconds; a first configure may download the llama.cpp headers (~80 s)
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ctest") is None,

@@ -79,7 +79,8 @@ def shell(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "QWENVL_EDGE_"))}
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_STATE_HOME=str(home / ".local/state"),
                XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local/share"),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               QWENVL_EDGE_THREADS="1")  # two threads spin against each other on a busy 2-core machine
     home.mkdir()
     exported = root / "exported.sh"
     exported.write_text("")

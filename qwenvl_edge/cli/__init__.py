@@ -96,7 +96,8 @@ def _model_args(p: argparse.ArgumentParser, bundle: bool = True) -> None:
     """Options of every command that loads a bundle."""
     if bundle:
         _bundle_arg(p)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: $QWENVL_EDGE_THREADS, else every usable core)")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length in positions, a multiple of 256 "
                    "(each image takes 258)")
     p.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens (unset: the model's "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qwenvl_edge.cli.common import check_model_options, open_model, print_timings, sampling, say
 from qwenvl_edge.cli.inputs import read_batch, split_items
+from qwenvl_edge.contract import MANIFEST_FILE
 from qwenvl_edge.errors import OptionError, QwenVLError
 
 DISCLAIMER = ("(random weights: the demo model is built from noise, so its answer is meaningless text; "
@@ -82,7 +83,7 @@ def cmd_export(a: argparse.Namespace) -> int:
                          calibration_images=tuple(a.calibration_image or ()), llm=a.llm,
                          keep_fp32_vision=a.keep_fp32_vision, n_threads=a.threads, force=a.force)
     out = export_bundle(a.checkpoint, a.out, opts, progress=(lambda _m: None) if a.quiet else ProgressPrinter())
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     for name, entry in manifest["files"].items():
         print(f"{entry['bytes'] / 2**20:10.1f} MiB  {out / name}")
     report = manifest["vision"].get("quality")
@@ -171,7 +172,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     home = Path(a.dir)
     ckpt, bundle = home / "tiny-checkpoint", home / "tiny-bundle"
     progress = ProgressPrinter()
-    if a.rebuild or not (bundle / "manifest.json").is_file():
+    if a.rebuild or not (bundle / MANIFEST_FILE).is_file():
         print(f"demo: writing a tiny random Qwen-VL checkpoint to {ckpt}", file=sys.stderr)
         write_checkpoint(ckpt, "tiny", seed=0, progress=progress)
         print(f"demo: exporting it (INT8 vision, {a.llm} LLM) to {bundle}", file=sys.stderr)
@@ -197,15 +198,16 @@ def cmd_cache(a: argparse.Namespace) -> int:
     from qwenvl_edge.cli import cache
 
     kinds = cache.select_kinds(a.kind)
+    store = cache.open_store()
     if a.action == "clear":
         for kind in kinds:
-            entries, size = cache.clear(kind)
-            print(f"{kind.name}: removed {entries} entries ({cache.human(size)})")
+            size = store.size(kind)[1]
+            print(f"{kind}: removed {store.clear(kind)} entries ({cache.human(size)})")
         return 0
-    print(f"cache folder: {cache.root()}")
+    print(f"cache folder: {store.folder} (at most {cache.human(store.max_bytes)}, least recently used go first)")
     for kind in kinds:
-        entries, size = cache.usage(kind)
-        print(f"{kind.name:<14} {entries:6d} entries {cache.human(size):>10}  {kind.description}")
+        entries, size = store.size(kind)
+        print(f"{kind:<7} {entries:6d} entries {cache.human(size):>10}  {cache.KINDS[kind]}")
     return 0
 
 

@@ -8,11 +8,12 @@ bundle's engines load, so a bad ``--n-ctx`` costs milliseconds, not a model load
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from qwenvl_edge import validate
-from qwenvl_edge.errors import ImageError
+from qwenvl_edge.errors import ImageError, OptionError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic"}
 
@@ -23,9 +24,23 @@ def say(a: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+ENV_THREADS = "QWENVL_EDGE_THREADS"
+
+
+def default_threads() -> int | None:
+    """``$QWENVL_EDGE_THREADS`` when set (as OMP_NUM_THREADS is for other tools), else None: every usable core."""
+    value = os.environ.get(ENV_THREADS, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise OptionError(f"${ENV_THREADS} must be a whole number of threads, got {value!r}") from None
+
+
 def check_model_options(a: argparse.Namespace) -> None:
     """Every option of a model command, checked before the model loads (raises ``QwenVLError``)."""
-    a.threads = validate.n_threads(a.threads)
+    a.threads = validate.n_threads(a.threads if a.threads is not None else default_threads())
     a.n_ctx = validate.n_ctx(a.n_ctx)
     a.max_tokens = validate.max_tokens(a.max_tokens)
     a.temperature = validate.temperature(a.temperature)
@@ -49,9 +64,9 @@ def open_model(a: argparse.Namespace):
 
 
 def default_cache():
-    from qwenvl_edge.runtime.embedding_cache import default_cache_dir
+    from qwenvl_edge.runtime.store import default_store_dir
 
-    return default_cache_dir()
+    return default_store_dir()
 
 
 def sampling(a: argparse.Namespace) -> dict:
