@@ -78,6 +78,15 @@ def test_piping_into_head_exits_quietly(f32_bundle: Path) -> None:
     assert producer.returncode == 141
 
 
-def test_verbose_shows_debug_logs(f32_bundle: Path) -> None:
-    done = run_process(["verify", "-v", "--bundle", str(f32_bundle)])
-    assert done.returncode == 0 and "files match the manifest" in done.stdout.decode()
+def test_verbose_shows_llama_cpp_log(f32_bundle: Path) -> None:
+    args = ["run", "--bundle", str(f32_bundle), "--no-cache", "--greedy", "--max-tokens", "1", TEXT_QUESTION]
+    loud = run_process([args[0], "-v", *args[1:]])
+    assert loud.returncode == 0 and "llama_model_loader" in loud.stderr.decode()
+    quiet = run_process(args)
+    assert quiet.returncode == 0 and "llama_model_loader" not in quiet.stderr.decode()
+
+
+def test_context_limit_of_the_model_does_not_blame_the_files(f32_bundle: Path, capsys) -> None:
+    rc, _, err = run_cli(["run", "--bundle", str(f32_bundle), "--n-ctx", "65536", TEXT_QUESTION], capsys)
+    assert_one_line_error(rc, err, "n_ctx 65536", "seq_length")
+    assert "llm.gguf" not in err and "cannot load" not in err
