@@ -43,7 +43,7 @@ def _weight_files(folder: Path) -> list[Path]:
     for index_name, single_name in LAYOUTS:
         index = folder / index_name
         if index.is_file():
-            data = json_file(index, CheckpointError)
+            data = json_file(index, CheckpointError, "shard index")
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: not a shard index (weight_map is not a mapping of tensor "

@@ -22,14 +22,17 @@ from qwenvl_edge.validate import json_file
 GRID_QUERIES = 16
 MAX_SIZE = 2**24  # no Qwen-VL size comes near this; larger ones are corrupt files, not models
 ZERO_ALLOWED = {"kv_channels", "image_start_id"}  # 0 = "not given" / a plain id
+MAX_LAYERS = 1024  # Qwen-VL has 32 + 48; the tensor table holds ~10 entries per layer
+LAYER_FIELDS = {"num_hidden_layers", "layers"}
 
 
 def _check_value(name: str, kind: str, value: Any, where: str) -> None:
     """One config field against its declared type: ints are sizes (1 .. MAX_SIZE), floats finite and positive."""
     if kind == "int":
         low = 0 if name in ZERO_ALLOWED else 1
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_SIZE:
-            raise CheckpointError(f"{where}: {name} must be an integer in [{low}, {MAX_SIZE}], got {value!r:.40}")
+        high = MAX_LAYERS if name in LAYER_FIELDS else MAX_SIZE
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise CheckpointError(f"{where}: {name} must be an integer in [{low}, {high}], got {value!r:.40}")
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, Real) or not 0 < float(value) < math.inf:
             raise CheckpointError(f"{where}: {name} must be a positive finite number, got {value!r:.40}")
@@ -163,7 +166,7 @@ class QwenConfig:
     def from_file(cls, path: Path) -> QwenConfig:
         if not Path(path).exists():
             raise CheckpointError(f"{path}: no config.json: not a Qwen-VL checkpoint folder")
-        return cls.from_dict(json_file(path, CheckpointError), str(path))
+        return cls.from_dict(json_file(path, CheckpointError, "config"), str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

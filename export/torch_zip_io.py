@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections import OrderedDict
@@ -96,7 +97,7 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and _is_size(pid[4])):
-            raise CheckpointError(f"{self.path}: refused: unexpected persistent id {pid!r:.80}")
+            raise CheckpointError(f"{self.path}: refused: unexpected persistent id (a {type(pid).__name__})")
         return _Storage(pid[1].dtype, pid[2], pid[4])
 
 
@@ -121,7 +122,8 @@ def read_torch_zip(path: Path) -> dict[str, TensorRecord]:
             return {str(name): _record(path, str(name), t, entries, prefix, fp, size) for name, t in state.items()}
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, struct.error, OverflowError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, ValueError, struct.error,
+            OverflowError) as e:
         raise CheckpointError(f"{path}: truncated or not a zip file ({_one_line(e)})") from None
 
 
@@ -141,6 +143,7 @@ def _load_state(zf: zipfile.ZipFile, path: Path) -> tuple[dict, str]:
     try:
         with zf.open(info) as member:  # zipfile stops inflating at the declared size
             data = member.read(MAX_PICKLE_BYTES + 1)
+        _check_memo(data, path)
         state = _TensorOnlyUnpickler(data, path).load()
     except CheckpointError:
         raise
@@ -149,6 +152,15 @@ def _load_state(zf: zipfile.ZipFile, path: Path) -> tuple[dict, str]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: data.pkl holds a {type(state).__name__}, not a state dict")
     return state, info.filename[: -len("data.pkl")]
+
+
+def _check_memo(data: bytes, path: Path) -> None:
+    """Refuse memo slots past the pickle's own size before unpickling: CPython's unpickler keeps its memo
+    in an array, so ``LONG_BINPUT 4000000000`` in a few bytes would make it allocate 32 GB."""
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int) and 0 <= arg <= len(data)):
+            raise CheckpointError(f"{path}: refused: the pickle stores at memo slot {str(arg)[:20]}, past its "
+                                  f"{len(data)} bytes")
 
 
 def _record(path: Path, name: str, t: object, entries: dict[str, zipfile.ZipInfo], prefix: str, fp,

@@ -34,6 +34,7 @@ import json
 import math
 import operator
 import os
+from collections.abc import Callable
 from numbers import Real
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -144,34 +145,28 @@ def top_p(value: Any) -> float | None:
     return x
 
 
-def top_k(value: Any) -> int | None:
-    """Top-k: int >= 0 (0 = off)."""
+def _int_where(name: str, value: Any, ok: Callable[[int], bool], rule: str) -> int | None:
     if value is None:
         return None
-    k = _int("top_k", value)
-    if k < 0:
-        raise OptionError(f"top_k must be >= 0 (0 = off), got {k}")
-    return k
+    n = _int(name, value)
+    if not ok(n):
+        raise OptionError(f"{name} must be {rule}, got {n}")
+    return n
+
+
+def top_k(value: Any) -> int | None:
+    """Top-k: int >= 0 (0 = off)."""
+    return _int_where("top_k", value, lambda k: k >= 0, ">= 0 (0 = off)")
 
 
 def max_tokens(value: Any) -> int | None:
     """New-token budget: int >= 1."""
-    if value is None:
-        return None
-    n = _int("max_tokens", value)
-    if n < 1:
-        raise OptionError(f"max_tokens must be at least 1, got {n}")
-    return n
+    return _int_where("max_tokens", value, lambda n: n >= 1, "at least 1")
 
 
 def seed(value: Any) -> int | None:
     """Sampling seed: int in [0, 2**32) or None."""
-    if value is None:
-        return None
-    s = _int("seed", value)
-    if not 0 <= s < SEED_LIMIT:
-        raise OptionError(f"seed must be in [0, {SEED_LIMIT}), got {s}")
-    return s
+    return _int_where("seed", value, lambda s: 0 <= s < SEED_LIMIT, f"in [0, {SEED_LIMIT})")
 
 
 def question(text: Any, name: str = "prompt") -> str:
@@ -200,21 +195,22 @@ def image_list(images: Any) -> list:
     raise ImageError(f"images must be a list or tuple of images, got {_show(images)}")
 
 
-def json_file(path: Path, error: type[QwenVLError], max_bytes: int = 64 * 2**20) -> Any:
+def json_file(path: Path, error: type[QwenVLError], what: str = "file", max_bytes: int = 64 * 2**20) -> Any:
     """Parse a small JSON file; every way it can be wrong becomes one ``error`` line naming ``path``."""
+    bad = f"{path}: corrupt {what}:"
     try:
         size = Path(path).stat().st_size
         if size > max_bytes:
-            raise error(f"{path}: {size} bytes, too large for this file (at most {max_bytes})")
+            raise error(f"{bad} {size} bytes, more than such a file can need ({max_bytes})")
         return json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise error(f"{path}: missing") from None
     except UnicodeDecodeError:
-        raise error(f"{path}: not UTF-8 text") from None
+        raise error(f"{bad} not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise error(f"{bad} not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
-        raise error(f"{path}: JSON nested too deeply") from None
+        raise error(f"{bad} JSON nested too deeply") from None
     except (IsADirectoryError, PermissionError) as e:
         raise error(f"{path}: cannot read ({e.strerror})") from None
 

@@ -171,7 +171,7 @@ class Bundle:
         if not path.is_file():
             hint = "" if folder.is_dir() else " (no such folder; make one with `qwenvl-edge export` or `demo`)"
             raise BundleError(f"{path}: missing: not a qwenvl-edge bundle{hint}")
-        manifest = json_file(path, BundleError)
+        manifest = json_file(path, BundleError, "manifest")
         bundle = cls(folder, manifest, check_manifest(manifest, str(path)))
         files = manifest["files"]
         for needed in (bundle.vision_path, bundle.llm_path):

@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -115,6 +116,11 @@ def _read_bytes(source: Any, where: str) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
+        info = os.stat(source)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise ImageError(f"{where}: cannot read image (not a regular file)")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"{where}: file larger than {MAX_FILE_BYTES} bytes: not an image we decode")
         with open(source, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
     else:

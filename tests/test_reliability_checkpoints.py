@@ -6,6 +6,7 @@ Each case is built directly (small files), so the loaders are tested without a f
 from __future__ import annotations
 
 import json
+import pickle
 import struct
 import tracemalloc
 import zipfile
@@ -167,7 +168,6 @@ def pickle_with(tensor_args: bytes) -> bytes:
     p = torch_zip_io
     pid = p._pickle_tuple([p._pickle_str("storage"), p._pickle_global("torch", "BFloat16Storage"),
                            p._pickle_str("0"), p._pickle_str("cpu"), p._pickle_int(8)])
-    import pickle
     return b"".join([pickle.PROTO + b"\x02", pickle.EMPTY_DICT, p._pickle_str("a"),
                      p._pickle_global("torch._utils", "_rebuild_tensor_v2"), pickle.MARK, pid, pickle.BINPERSID,
                      tensor_args, pickle.TUPLE, pickle.REDUCE, pickle.SETITEM, pickle.STOP])
@@ -239,6 +239,7 @@ def test_good_config_reads(tmp_path: Path) -> None:
     (lambda c: c.update(num_hidden_layers=True), "num_hidden_layers must be an integer"),
     (lambda c: c.update(num_hidden_layers=-1), "num_hidden_layers must be an integer"),
     (lambda c: c.update(vocab_size=10**30), "vocab_size must be an integer"),
+    (lambda c: c.update(num_hidden_layers=2**24), "num_hidden_layers must be an integer in \\[1, 1024\\]"),
     (lambda c: c.update(visual=None), "visual.*JSON object"),                               # visual: null
     (lambda c: c.update(visual=[64, 2, 4]), "visual.*JSON object"),
     (lambda c: c.update(visual="clip"), "visual.*JSON object"),
@@ -290,3 +291,18 @@ def test_good_small_bin_round_trips(tmp_path: Path) -> None:
 def test_safetensors_writer_output_still_reads(tmp_path: Path) -> None:
     write_safetensors(tmp_path / "w.safetensors", SHAPES, lambda n: np.ones(SHAPES[n], dtype="<u2"))
     assert {n: r.shape for n, r in read_safetensors(tmp_path / "w.safetensors").items()} == SHAPES
+
+
+@pytest.mark.parametrize("put", [pickle.LONG_BINPUT + struct.pack("<I", 4_000_000_000),
+                                 pickle.LONG_BINPUT + struct.pack("<I", 174_417_761),
+                                 pickle.PUT + b"99999999999\n"])
+def test_pickle_memo_slot_far_past_its_size_is_refused(tmp_path: Path, put: bytes) -> None:
+    """Found by the fuzz test: CPython's unpickler sizes its memo array by the slot number (GBs from 6 bytes)."""
+    pkl = pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + put + pickle.STOP
+    tracemalloc.start()
+    try:
+        refused(read_torch_zip, bin_with_pickle(tmp_path / "m.bin", pkl), "memo slot")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20

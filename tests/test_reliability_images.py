@@ -199,3 +199,21 @@ def test_environment_untouched_by_reading(png: Path) -> None:
     before = os.listdir(png.parent)
     read_image(png)
     assert os.listdir(png.parent) == before
+
+
+def test_fifo_and_devices_are_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    one_line(fifo, "not a regular file")
+    one_line("/dev/zero", "not a regular file")  # would read forever
+    one_line(tmp_path, "cannot read image")
+
+
+def test_file_over_the_size_limit_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwenvl_edge.runtime import preprocess
+
+    monkeypatch.setattr(preprocess, "MAX_FILE_BYTES", 1000)
+    path = tmp_path / "big.png"
+    path.write_bytes(png_declaring(4, 4) + bytes(2000))
+    one_line(path, "larger than 1000 bytes")
+    one_line(path.read_bytes(), "larger than 1000 bytes")
