@@ -115,8 +115,12 @@ class StopRequest:
 
 
 def image_message_part(path: str) -> dict:
-    """An OpenAI ``image_url`` part with the file inline, so the saved chat works anywhere."""
-    data = Path(path).read_bytes()
+    """An OpenAI ``image_url`` part with the file inline, so the saved chat works anywhere
+    (a ``file://`` URL if the file cannot be read any more)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return {"type": "image_url", "image_url": {"url": Path(path).resolve().as_uri()}}
     mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
     return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
 
