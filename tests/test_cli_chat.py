@@ -168,3 +168,4 @@ def test_save_to_a_bad_place_is_one_line(f32_bundle: Path, tmp_path: Path, capsy
 def test_quit_commands(f32_bundle: Path, capsys, monkeypatch, quit_line: str) -> None:
     rc, out, _ = chat_piped(f32_bundle, f"{quit_line}\nnever asked\n", capsys, monkeypatch)
     assert rc == 0 and out == ""
+    assert not (Path(os.environ["XDG_STATE_HOME"]) / "qwenvl-edge").exists()  # no history without a terminal
