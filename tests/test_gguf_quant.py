@@ -94,7 +94,8 @@ def test_k_quant_falls_back_for_rows_not_divisible_by_256(tmp_path_factory, odd_
 
 
 def test_unknown_type_lists_the_accepted_names(tmp_path: Path) -> None:
-    accepted = "Q4_K_M, Q4_0, Q5_K_M, Q8_0, F16, F32, BF16"
+    accepted = ("Q4_K_M, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, IQ4_NL, IQ4_XS, Q5_0, Q5_1, Q5_K_S, "
+                "Q5_K_M, Q6_K, Q8_0, F16, BF16, F32")
     with pytest.raises(QwenVLError, match=rf"unknown LLM type 'Q3_X'; choose {accepted}$"):
         quantize_gguf(tmp_path / "in.gguf", tmp_path / "out.gguf", "Q3_X")
     assert list(tmp_path.iterdir()) == []
