@@ -4,9 +4,11 @@ The only place that reads argv and prints errors: anything a user got wrong arri
 ``QwenVLError`` and leaves as one line on stderr with exit code 2, never a traceback.
 
 Adding a subcommand takes two functions: ``@command("name", _body("name"))`` on the function that
-adds its arguments (its docstring is the help), and ``cmd_name(args) -> int`` in ``commands.py``
-(or the module named in ``_body``), imported only when that command runs, so ``qwenvl-edge run``
-never loads the export side (onnx, gguf). Every command gets ``-v/--verbose`` and ``-q/--quiet``.
+adds its arguments (its docstring is the help; every option gets a help text, the default is shown
+by the formatter), and ``cmd_name(args) -> int`` in ``qwenvl_edge/cli/commands.py`` (or in the module
+given to ``_body``, e.g. ``_body("serve", "qwenvl_edge.server.main")``), imported only when that command
+runs, so ``qwenvl-edge run`` never loads the export side (onnx, gguf). Every command gets
+``-v/--verbose`` and ``-q/--quiet`` (``args.verbose``, ``args.quiet``): do not add them again.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ def command(name: str, load: Callable[[], Command]):
     return register
 
 
-def _body(name: str, module: str = "commands") -> Callable[[], Command]:
+def _body(name: str, module: str = "qwenvl_edge.cli.commands") -> Callable[[], Command]:
+    """The loader of ``cmd_<name>`` in ``module`` (imported when the command runs, not before)."""
     def load() -> Command:
         from importlib import import_module
 
-        return getattr(import_module(f"qwenvl_edge.cli.{module}"), f"cmd_{name}")
+        return getattr(import_module(module), f"cmd_{name}")
     return load
 
 
@@ -136,7 +139,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="keep the vision session while decoding (default: freed before the decoder loads)")
 
 
-@command("chat", _body("chat", "chat"))
+@command("chat", _body("chat", "qwenvl_edge.cli.chat"))
 def _chat_args(p: argparse.ArgumentParser) -> None:
     """Interactive multi-turn chat about images (earlier turns stay in the KV cache); /help lists its commands."""
     p.add_argument("images", nargs="*", metavar="IMAGE", help="images for the first question")
