@@ -105,6 +105,10 @@ def test_draw_without_an_image_fails_at_once(capsys, tmp_path: Path) -> None:
     rc, _, err = run_cli(["run", *NO_BUNDLE, "--draw", str(tmp_path / "b.png"), "Find <ref>it</ref>"], capsys)
     assert_one_line_error(rc, err, "--draw needs an image")
     assert not (tmp_path / "b.png").exists()
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    rc, _, err = run_cli(["run", *NO_BUNDLE, "--draw", str(tmp_path / "no" / "b.png"), str(image), "Find it"], capsys)
+    assert_one_line_error(rc, err, "--draw", "no folder")
 
 
 @pytest.mark.parametrize("items", [[], ["photo.jpg"], ["missing.png"], ["a.png", "b.jpeg"]])

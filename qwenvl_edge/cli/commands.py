@@ -101,6 +101,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     job = split_items(a.items)
     if a.draw is not None and not job.images:
         raise OptionError("--draw needs an image to draw on")
+    if a.draw is not None and not a.draw.parent.is_dir():
+        raise OptionError(f"--draw {a.draw}: no folder {a.draw.parent} to write it in")
     check_model_options(a)
     with open_model(a) as model:
         if a.json:
