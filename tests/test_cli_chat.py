@@ -82,6 +82,12 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(f32_bundle: Path) -> None
     child.sendintr()
     child.expect_exact("[answer stopped; this turn is forgotten]")
     child.expect_exact(PROMPT)
+    child.sendline("And now?")  # the model answers again after a stop
+    child.expect_exact("And now?\r\n")
+    child.expect(r"\S")
+    child.sendintr()
+    child.expect_exact("[answer stopped; this turn is forgotten]")
+    child.expect_exact(PROMPT)
     child.sendline("/help")  # the session goes on
     child.expect_exact("/image PATH")
     child.expect_exact(PROMPT)
