@@ -177,11 +177,11 @@ class Store:
                     os.unlink(tmp)
         self._evict()
 
-    def _entries(self) -> list[tuple[float, int, Path]]:
+    def _entries(self, kinds: tuple[str, ...] = KINDS) -> list[tuple[float, int, Path]]:
         out = []
         if self.folder is None:
             return out
-        for kind in KINDS:
+        for kind in kinds:
             for path in (self.folder / kind).glob(f"*/*{SUFFIX}"):
                 if path.name.startswith("."):  # a write in progress
                     continue
@@ -207,18 +207,26 @@ class Store:
             else:
                 path.unlink()
 
-    def size(self) -> tuple[int, int]:
-        """(entries, bytes) on disk."""
-        entries = self._entries()
+    def size(self, kind: str | None = None) -> tuple[int, int]:
+        """(entries, bytes) on disk, of one kind or of all."""
+        entries = self._entries(_kinds(kind))
         return len(entries), sum(size for _, size, _ in entries)
 
-    def clear(self) -> int:
-        """Remove every entry (and stray temp files); return how many entries went."""
-        entries = self._entries()
+    def clear(self, kind: str | None = None) -> int:
+        """Remove every entry of one kind or of all (and stray temp files); return how many entries went."""
+        entries = self._entries(_kinds(kind))
         for _, _, path in entries:
             self._remove(path)
         if self.folder is not None:
-            for kind in KINDS:
-                for tmp in (self.folder / kind).glob(f"*/.tmp-*{SUFFIX}"):
+            for each in _kinds(kind):
+                for tmp in (self.folder / each).glob(f"*/.tmp-*{SUFFIX}"):
                     self._remove(tmp)
         return len(entries)
+
+
+def _kinds(kind: str | None) -> tuple[str, ...]:
+    if kind is None:
+        return KINDS
+    if kind not in KINDS:
+        raise ValueError(f"unknown store kind {kind!r}")
+    return (kind,)
