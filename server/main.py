@@ -45,9 +45,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
         failures.append(e)
         server.should_exit = True
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    # a server reports what it does (load time, clients that left) unless asked to be quiet
+    log.setLevel(logging.DEBUG if a.verbose else logging.ERROR if a.quiet else logging.INFO)
     app = create_app(config, load_model, load_failed)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=3, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning" if a.quiet else "info", lifespan="on",
+                                           timeout_graceful_shutdown=3))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"qwenvl-edge: serving {config.model_id} on http://{shown}:{port} (page at /, API at /v1, loading the "
