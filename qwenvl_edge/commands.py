@@ -61,7 +61,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from qwenvl_edge.export.bundle import ExportOptions, export_bundle
+    from qwenvl_edge.bundle_export import ExportOptions, export_bundle
 
     opts = ExportOptions(vision=a.vision, vision_scheme=a.vision_scheme,
                          calibration_images=tuple(a.calibration_image or ()), llm=a.llm,
@@ -206,7 +206,7 @@ def demo_image(path: Path) -> Path:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from qwenvl_edge.export.bundle import ExportOptions, export_bundle
+    from qwenvl_edge.bundle_export import ExportOptions, export_bundle
     from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
 
     home = Path(a.dir)
