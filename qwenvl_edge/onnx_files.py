@@ -64,3 +64,28 @@ def staged_model_files(out_path: Path) -> Iterator[Path]:
         os.replace(staged, out_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def relocate_model(src: Path, dst: Path, entries: dict[str, dict]) -> dict[str, dict]:
+    """Rename a model and its ``.data`` (rewriting the data's file name inside the graph); return the file
+    entries (bytes, sha256) under the new names: the ``.data`` keeps its entry, the graph is re-hashed."""
+    import hashlib
+
+    import onnx
+
+    entries = dict(entries)
+    src_data, dst_data = external_data_path(src), external_data_path(dst)
+    model = onnx.load(str(src), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == src_data.name:
+                entry.value = dst_data.name
+    if src_data.exists():
+        os.replace(src_data, dst_data)
+        entries[dst_data.name] = entries.pop(src_data.name)
+    data = model.SerializeToString()
+    dst.write_bytes(data)
+    src.unlink()
+    entries.pop(src.name, None)
+    entries[dst.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return entries
