@@ -11,19 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qwenvl_edge.cli import main
 from qwenvl_edge.runtime.bundle import Bundle
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    rc = main(args)
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def assert_refused(rc: int, err: str, fragment: str) -> None:
-    lines = [line for line in err.splitlines() if line.startswith("qwenvl-edge: error: ")]
-    assert rc == 2 and len(lines) == 1 and fragment in lines[0], err
+from tests.test_bundle_export import assert_one_line_error as assert_refused
+from tests.test_bundle_export import run_cli
 
 
 def snapshot(folder: Path) -> dict[str, int]:
