@@ -40,7 +40,7 @@ MS_DOMAIN = "com.microsoft"
 LN_EPS = 1e-6
 ADAPTER_HEAD_DIM = 128
 BICUBIC_A = -0.75  # torch's cubic convolution coefficient
-EXTERNAL_THRESHOLD_BYTES = 2_000_000_000  # below protobuf's 2 GiB limit, with room for the graph
+EXTERNAL_THRESHOLD_BYTES = 512 * 2**20  # above this, weights stream to .data: bounded memory at any size
 FORMAT_VERSION = 1
 PREFIX = "transformer.visual."
 

@@ -52,7 +52,7 @@ from qwenvl_edge.runtime.preprocess import ImageSource
 
 log = logging.getLogger(__name__)
 
-EXTERNAL_DATA_BYTES = 2_000_000_000  # as the FP32 export: above this the weights go to <out>.data
+EXTERNAL_DATA_BYTES = 512 * 2**20  # as the FP32 export: above this the weights go to <out>.data
 N_CALIBRATION_IMAGES = 8
 N_HELDOUT_IMAGES = 4
 N_MEASURED_CALIBRATION = 4  # quality is measured on this many calibration images (each costs two full runs)
