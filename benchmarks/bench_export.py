@@ -92,14 +92,15 @@ def folder_bytes(paths: list[Path]) -> int:
 class DiskSampler:
     """The largest total size of the export's folders (bundle, its partial, the resume folder) over time."""
 
-    def __init__(self, folders: list[Path], every: float = 2.0):
-        self.folders, self.every, self.peak = folders, every, 0
+    def __init__(self, resume: Path, bundle: Path, every: float = 2.0):
+        self.resume, self.bundle, self.every, self.peak = resume, bundle, every, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, folder_bytes(self.folders))
+            partials = list(self.bundle.parent.glob(f".{self.bundle.name}.*"))  # the bundle being assembled
+            self.peak = max(self.peak, folder_bytes([self.resume, self.bundle, *partials]))
             self._stop.wait(self.every)
 
     def __enter__(self) -> DiskSampler:
@@ -129,7 +130,7 @@ def export_bundle(checkpoint: Path, bundle: Path, threads: int | None, cgroup_gb
     group = MemoryCgroup(f"qwenvl-export-{os.getpid()}", int(cgroup_gb * GIB)) if cgroup_gb else None
     ckpt_bytes = folder_bytes([checkpoint])
     try:
-        with DiskSampler([resume, bundle.parent]) as disk:
+        with DiskSampler(resume, bundle) as disk:
             stats = run_measured(group.wrap(cmd) if group else cmd, env=env)
         peak, ooms = (group.peak_bytes(), group.oom_kills()) if group else (None, 0)
     finally:
