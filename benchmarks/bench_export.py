@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 from benchmarks.process_stats import ProcessStats, run_measured
+from qwenvl_edge.contract import MANIFEST_FILE
+from qwenvl_edge.contract import MANIFEST_FILE
 
 GIB = 2**30
 V1_ROOT, V2_ROOT = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
@@ -139,7 +141,7 @@ def export_bundle(checkpoint: Path, bundle: Path, threads: int | None, cgroup_gb
         shutil.rmtree(resume, ignore_errors=True)
     if stats.returncode != 0:
         raise RuntimeError(f"export failed ({stats.returncode}, {ooms} OOM kills): {stats.stderr_lines[-3:]}")
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     offset = _offset(stats, manifest)
     stages = {name: {"wall_s": end - start,
                      "peak_rss_gb": stats.peak_rss_between(start + offset, end + offset) / 1e9}

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenvl_edge import __version__
+from qwenvl_edge import __version__, contract
 from qwenvl_edge.errors import QwenVLError
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export_progress import OverallProgress
@@ -75,9 +75,9 @@ def model_info(reader: CheckpointReader) -> ModelInfo:
         hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, seq_length=cfg.seq_length,
         image_size=cfg.visual.image_size, n_queries=cfg.visual.n_queries,
         image_start_id=cfg.visual.image_start_id,
-        eos_token_id=int(gen.get("eos_token_id", 151643)),
-        top_p=float(gen.get("top_p", 0.3)), top_k=int(gen.get("top_k", 0)),
-        max_new_tokens=int(gen.get("max_new_tokens", 512)),
+        eos_token_id=int(gen.get("eos_token_id", contract.EOS_ID)),
+        top_p=float(gen.get("top_p", contract.TOP_P)), top_k=int(gen.get("top_k", contract.TOP_K)),
+        max_new_tokens=int(gen.get("max_new_tokens", contract.MAX_NEW_TOKENS)),
     )
 
 
@@ -206,7 +206,8 @@ class Exporter:
             files[name] = entry
         if opts.vision == "fp32":  # the bundle's graph is vision.onnx: rename it with its .data reference
             files = relocate_model(work / FP32_VISION, work / VISION_FILE, files)
-        vision = {"file": VISION_FILE, "precision": opts.vision, "input": "pixel_values", "output": "image_embeds"}
+        vision = {"file": VISION_FILE, "precision": opts.vision, "input": contract.VISION_INPUT,
+                  "output": contract.VISION_OUTPUT}
         if opts.vision == "int8":
             vision["quality"] = vision_record["report"]
             if opts.keep_fp32_vision:
@@ -290,7 +291,7 @@ def export_bundle(checkpoint: Path, out: Path, opts: ExportOptions = ExportOptio
             work.mkdir()
             with disk_space_errors(out.parent, "the bundle"):
                 manifest = exporter.assemble(work, checkpoint)
-                (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+                (work / contract.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             _replace_folder(work, out)
             success = True
         finally:
