@@ -29,7 +29,6 @@ from pathlib import Path
 
 from benchmarks.process_stats import ProcessStats, run_measured
 from qwenvl_edge.contract import MANIFEST_FILE
-from qwenvl_edge.contract import MANIFEST_FILE
 
 GIB = 2**30
 V1_ROOT, V2_ROOT = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
