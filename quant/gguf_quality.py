@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qwenvl_edge import contract
 from qwenvl_edge.errors import QwenVLError
 
-SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+SYSTEM = f"<|im_start|>system\n{contract.SYSTEM_PROMPT}<|im_end|>\n"
 DEFAULT_PROMPTS: tuple[str, ...] = (
     SYSTEM + "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     "The capital of France is Paris.<|im_end|>\n",

@@ -20,10 +20,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from qwenvl_edge import contract
 from qwenvl_edge.errors import QwenVLError
 
 BUNDLE_FORMAT = "qwenvl-edge-bundle"
-MANIFEST = "manifest.json"
+MANIFEST = contract.MANIFEST_FILE
 PARTIAL = re.compile(r"\.partial-(\d+)$")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
