@@ -14,7 +14,9 @@ TARGETS = [
     ("prefill_ratio_vs_text", 0.95, True, "image-row prefill rate / text prefill rate"),
     ("vision_int8_speedup_vs_fp32", 2.0, True, "INT8 vision speed-up over FP32 ONNX"),
     ("vision_int8_mean_cosine", 0.99, True, "INT8 rows vs FP32 rows, mean cosine"),
-    ("export_peak_rss_gb", 20.0, False, "export peak RSS (GB)"),
+    ("export_cgroup_peak_gb", 8.59, False, "export peak memory inside an 8 GiB cgroup, page cache counted (GB)"),
+    ("export_peak_rss_gb", 6.44, False, "export peak RSS (GB; the aim: 6 GiB)"),
+    ("export_s", 824, False, "export wall time (s; 1.1 x the 749 s of the whole-graph export)"),
     ("run_peak_rss_over_gguf_gb", 2.5, False, "`run` peak RSS minus GGUF size (GB)"),
     ("ttft_first_ratio", 1.05, False, "fresh `run` first answer byte / (INT8 encode + text prefill, same positions)"),
     ("ttft_second_run_ratio", 0.25, False, "second `run` about the same photo / fresh `run` (first answer byte)"),
@@ -152,7 +154,12 @@ def write_report(results: dict, folder: Path) -> None:
     lines += ttft_rows(results)
     lines += server_rows(results)
     lines += ["", f"![time breakdown]({plot.name})", "", "## Export", "",
-              f"Whole export: {e['wall_s']:.0f} s, peak RSS {e['peak_rss_gb']:.2f} GB.", "",
+              f"Whole export: {e['wall_s']:.0f} s, peak RSS {e['peak_rss_gb']:.2f} GB"
+              + (f"; inside a memory cgroup of {e['cgroup_limit_gb']:.2f} GB (8 GiB) its peak, page cache counted, "
+                 f"was {e['cgroup_peak_gb']:.2f} GB ({e.get('cgroup_oom_kills', 0)} OOM kills)"
+                 if e.get("cgroup_limit_gb") else "")
+              + (f"; disk peak {e['disk_peak_gb']:.1f} GB with the {e['checkpoint_gb']:.1f} GB checkpoint"
+                 if e.get("disk_peak_gb") else "") + ".", "",
               "| stage | wall | peak RSS |", "| --- | --- | --- |"]
     if results.get("checkpoint"):
         c = results["checkpoint"]

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="default: all cores")
     ap.add_argument("--re-export", action="store_true", help="export again even if the bundle is cached")
+    ap.add_argument("--cgroup-gb", type=float, default=None,
+                    help="run the export in a memory cgroup of this many GiB (default: 8 at full size, none for tiny)")
     ap.add_argument("--analysis", type=Path, default=HERE / "analysis.md",
                     help="hand-written notes appended to RESULTS.md (if the file exists)")
     a = ap.parse_args(argv)
@@ -69,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.re_export or not (bundle / MANIFEST_FILE).is_file():
         export_json.unlink(missing_ok=True)
     print(f"exporting to {bundle} (cached after the first time)", flush=True)
-    export = cached_json(export_json, lambda: bench_export.export_bundle(ckpt, bundle, a.threads))
+    cgroup_gb = a.cgroup_gb if a.cgroup_gb is not None else (8.0 if a.preset == "full" else 0.0)
+    export = cached_json(export_json, lambda: bench_export.export_bundle(ckpt, bundle, a.threads, cgroup_gb or None))
 
     results: dict = {"preset": a.preset, "runs": a.runs, "machine": machine(), "checkpoint": checkpoint,
-                     "export": export, "export_peak_rss_gb": export["peak_rss_gb"],
-                     "gguf_gb": export["files_gb"][LLM_FILE]}
+                     **bench_export.export_keys(export), "gguf_gb": export["files_gb"][LLM_FILE]}
     print("measuring vision (FP32 vs INT8)", flush=True)
     results.update(measure_in_process("bench_vision", bundle, a.runs, a.threads))
     print("measuring prefill and decode (image vs text)", flush=True)

@@ -29,7 +29,8 @@ from onnx import TensorProto, helper
 from qwenvl_edge import contract
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.config import VisualConfig
-from qwenvl_edge.export.onnx_builder import ExternalDataWriter, GraphBuilder, external_data_path, staged_model_files
+from qwenvl_edge.export.onnx_builder import GraphBuilder
+from qwenvl_edge.onnx_files import ExternalDataWriter, external_data_path, staged_model_files
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ MS_DOMAIN = "com.microsoft"
 LN_EPS = 1e-6
 ADAPTER_HEAD_DIM = 128
 BICUBIC_A = -0.75  # torch's cubic convolution coefficient
-EXTERNAL_THRESHOLD_BYTES = 2_000_000_000  # below protobuf's 2 GiB limit, with room for the graph
+EXTERNAL_THRESHOLD_BYTES = 512 * 2**20  # above this, weights stream to .data: bounded memory at any size
 FORMAT_VERSION = 1
 PREFIX = "transformer.visual."
 

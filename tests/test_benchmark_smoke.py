@@ -12,7 +12,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ["decode_ratio_vs_text", "prefill_ratio_vs_text", "vision_int8_speedup_vs_fp32", "vision_int8_mean_cosine",
             "export_peak_rss_gb", "run_peak_rss_over_gguf_gb", "ttft_s", "decode_tok_s", "vision_int8_s", "gguf_gb",
-            "server_first_ttft_s", "server_followup_ttft_s", "server_followup_ttft_ratio"]
+            "server_first_ttft_s", "server_followup_ttft_s", "server_followup_ttft_ratio",
+            "export_s", "export_disk_peak_gb"]
 
 
 def test_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None:

@@ -36,7 +36,10 @@ def test_default_bundle_manifest(default_bundle: Path) -> None:
     assert (model.hidden_size, model.vocab_size, model.image_size, model.n_queries) == (256, 151936, 448, 256)
     assert model.top_p == 0.3 and model.max_new_tokens == 512
     assert set(manifest["export"]["stage_seconds"]) == {"vision_fp32", "vision_int8", "llm_gguf", "llm_quant",
-                                                         "checksums"}
+                                                         "llm_quality", "bundle"}
+    llm_quality = manifest["llm"]["quality"]  # Q4_K_M vs its BF16 source, on the fixed prompts
+    assert llm_quality["positions"] > 100 and 0.0 < llm_quality["kl_mean"] <= llm_quality["kl_max"]
+    assert 0.0 < llm_quality["top1_agreement"] <= 1.0
     assert manifest["source"]["config"]["visual"]["width"] == 64
     assert not list(default_bundle.parent.glob(".*partial*"))
 

@@ -175,7 +175,7 @@ def test_chat_refuses_a_non_image_before_loading(tmp_path: Path, capsys) -> None
 # --- export and synth ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, fragment", [
-    ([], "the dynamic scheme would ignore it"),
+    ([], "the dynamic-u8 scheme would ignore it"),
     (["--vision-scheme", "dynamic-u8"], "the dynamic-u8 scheme"),
     (["--vision", "fp32"], "--vision fp32 would ignore it"),
 ])

@@ -60,8 +60,8 @@ def test_default_scheme_keeps_golden_rows(default_int8, fp32_rows, golden_pixels
 
 def test_report_holds_the_numbers(default_int8) -> None:
     path, report = default_int8
-    assert report["scheme"] == DEFAULT_SCHEME and report["method"] == "dynamic"
-    assert report["weight_type"] == "QInt8" and report["per_channel"] is True
+    assert report["scheme"] == DEFAULT_SCHEME == "dynamic-u8" and report["method"] == "dynamic"
+    assert report["weight_type"] == "QUInt8" and report["per_channel"] is True and "caveat" not in report
     assert report["quantized_matmuls"] == 2 * 4 and report["float_matmuls"] == 5  # 4 per block; adapter + proj
     quality = report["quality"]
     assert set(quality) == {"calibration", "heldout"}
@@ -100,8 +100,11 @@ def test_every_scheme_keeps_golden_rows(scheme: str, fp32_onnx, fp32_rows, golde
     report = quantize_vision(fp32_onnx, tmp_path / "vision.onnx", scheme=scheme, calibration_images=user_images)
     assert report["scheme"] == scheme and report["calibration_images"] == {"source": "user", "count": 2}
     assert report["quality"]["calibration"]["images"] == 2
+    # int8-weight schemes saturate on AVX2-only CPUs (min cosine 0.99 on this model there): a looser bar,
+    # so the suite passes on any x86-64; tests/test_int8_portable.py holds the default to 0.999 everywhere
+    bar = 0.95 if SCHEMES[scheme].caveat else MIN_ROW_COSINE
     with VisionEncoder(tmp_path / "vision.onnx") as encoder:
-        metrics = assert_rows_close(fp32_rows, encoder.encode(golden_pixels))
+        metrics = assert_rows_close(fp32_rows, encoder.encode(golden_pixels), bar)
     assert metrics["cosine_min"] == pytest.approx(report["quality"]["calibration"]["cosine_min"], abs=1e-9)
 
 
@@ -118,7 +121,7 @@ def fp32_external_onnx(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
                              external_threshold=0)
 
 
-@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+@pytest.mark.parametrize("scheme", ["dynamic-u8", "static"])
 def test_external_data_model_quantizes_to_external_data(scheme: str, fp32_external_onnx: Path, fp32_rows,
                                                         golden_pixels, tmp_path: Path) -> None:
     """The > 2 GB path end to end, forced by a zero threshold: FP32 .data in, INT8 .data out."""
@@ -141,7 +144,7 @@ def test_bad_calibration_image_leaves_nothing_behind(fp32_onnx: Path, tmp_path: 
     with pytest.raises(ImageError, match="missing.png"):
         quantize_vision(fp32_onnx, out_dir / "vision.onnx", scheme="static",
                         calibration_images=[tmp_path / "missing.png"])
-    assert list(out_dir.iterdir()) == []
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
 
 def test_weight_matmuls_split_by_prefix(fp32_onnx: Path) -> None:

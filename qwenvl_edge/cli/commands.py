@@ -69,19 +69,20 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 def check_export_options(a: argparse.Namespace) -> None:
     """What argparse cannot see: calibration images only where a scheme reads them."""
-    scheme = a.vision_scheme or "dynamic"
+    scheme = a.vision_scheme or "dynamic-u8"
     if a.calibration_image and (a.vision != "int8" or scheme != "static"):
         used = f"--vision {a.vision}" if a.vision != "int8" else f"the {scheme} scheme"
         raise OptionError(f"--calibration-image is read only by --vision-scheme static; {used} would ignore it")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from qwenvl_edge.export.bundle import ExportOptions, export_bundle
+    from qwenvl_edge.bundle_export import ExportOptions, export_bundle
 
     check_export_options(a)
     opts = ExportOptions(vision=a.vision, vision_scheme=a.vision_scheme,
                          calibration_images=tuple(a.calibration_image or ()), llm=a.llm,
-                         keep_fp32_vision=a.keep_fp32_vision, n_threads=a.threads, force=a.force)
+                         keep_fp32_vision=a.keep_fp32_vision, n_threads=a.threads, force=a.force,
+                         fresh=a.fresh)
     out = export_bundle(a.checkpoint, a.out, opts, progress=(lambda _m: None) if a.quiet else ProgressPrinter())
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     for name, entry in manifest["files"].items():
@@ -92,6 +93,11 @@ def cmd_export(a: argparse.Namespace) -> int:
 
         print(f"vision INT8 ({report.get('scheme')}) vs FP32 rows:")
         print(format_quality(report["quality"]))
+    llm_quality = manifest["llm"].get("quality")
+    if llm_quality and not a.quiet:
+        from qwenvl_edge.quant.gguf_quality import format_gguf_quality
+
+        print(f"llm {manifest['llm']['type']} vs BF16 next-token distributions: {format_gguf_quality(llm_quality)}")
     return 0
 
 
@@ -168,7 +174,7 @@ def demo_image(path: Path) -> Path:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from qwenvl_edge.export.bundle import ExportOptions, export_bundle
+    from qwenvl_edge.bundle_export import ExportOptions, export_bundle
     from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
 
     home = Path(a.dir)
