@@ -93,3 +93,23 @@ def narrow_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  "visual": {"width": 32, "layers": 1, "heads": 2}}
     ckpt = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "narrow", "tiny", seed=1, overrides=overrides)
     return export_for_tests(ckpt, tmp_path_factory.mktemp("bundle") / "narrow", "fp32", "F32")
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny trained Qwen-VL, rebuilt from its shipped weights (export/data/tiny_trained.npz)."""
+    from qwenvl_edge.export.tiny_trained import write_tiny_trained
+
+    return write_tiny_trained(tmp_path_factory.mktemp("ckpt") / "trained")
+
+
+@pytest.fixture(scope="session")
+def trained_f32_bundle(trained_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained model's float reference bundle: FP32 vision, F32 LLM."""
+    return export_for_tests(trained_ckpt, tmp_path_factory.mktemp("bundle") / "trained_f32", "fp32", "F32")
+
+
+@pytest.fixture(scope="session")
+def trained_default_bundle(trained_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained model exported with the defaults: INT8 vision, Q4_K_M LLM."""
+    return export_for_tests(trained_ckpt, tmp_path_factory.mktemp("bundle") / "trained_default", "int8", "Q4_K_M")
