@@ -46,13 +46,9 @@ class Item:
     def correct(self, text: str) -> bool | None:
         if self.answer is None:
             return None
-        size = (self.image.size if isinstance(self.image, Image.Image) else Image.open(self.image).size)
-        if self.box is None:
-            return text.strip() == self.answer
-        from qwenvl_edge.runtime.boxes import parse_boxes
+        from qwenvl_edge.runtime.pipeline import display_size
 
-        boxes = parse_boxes(text, *size)
-        return bool(boxes) and task_images.iou(boxes[0].pixels, self.box) >= 0.5
+        return task_images.is_right(self.answer, self.box, text, display_size(self.image))
 
 
 def synthetic_items(n: int, seed: int) -> list[Item]:
@@ -154,14 +150,14 @@ def evaluate(bundle_dir: Path, items: Sequence[Item], reference_dir: Path | None
     from qwenvl_edge.quant.vision_quality import compare_rows
 
     bundle = Bundle.open(bundle_dir)
+    reference = Bundle.open(reference_dir) if reference_dir is not None else None  # fail before the long part
     answers = task_answers(bundle.folder, items, n_threads)
     report: dict = {"bundle": str(bundle.folder), "reference": None, "items": len(items),
                     "tasks": {t: {"bundle": v} for t, v in _accuracy(items, answers).items()},
                     "examples": [{"task": it.task, "question": it.question, "expected": it.answer, "answer": a[0]}
                                  for it, a in zip(items, answers, strict=True) if it.correct(a[0]) is False][:5]}
-    if reference_dir is None:
+    if reference is None:
         return report
-    reference = Bundle.open(reference_dir)
     report["reference"] = str(reference.folder)
     ref_answers = task_answers(reference.folder, items, n_threads)
     for t, v in _accuracy(items, ref_answers).items():

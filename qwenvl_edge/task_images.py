@@ -42,6 +42,7 @@ class Sample:
     question: str
     answer: str
     box: tuple[int, int, int, int] | None = None  # the asked-for shape, pixels (x1, y1, x2, y2), grounding only
+    objects: tuple[tuple[str, tuple[int, int, int, int]], ...] = ()  # grounding: every shape as (phrase, box)
 
 
 def to_frame(box: tuple[float, float, float, float], width: int = SIZE, height: int = SIZE) -> tuple[int, ...]:
@@ -135,8 +136,9 @@ def grounding_sample(rng: np.random.Generator) -> Sample:
     for name, shape, box in zip(names, shapes, boxes, strict=True):
         _draw_shape(draw, shape, box, _jitter(COLOURS[name], rng))
     k = int(rng.integers(n))
-    phrase = f"the {names[k]} {shapes[k]}"
-    return Sample("grounding", image, f"Where is {phrase}?", box_answer(phrase, boxes[k]), boxes[k])
+    phrases = [f"the {name} {shape}" for name, shape in zip(names, shapes, strict=True)]
+    return Sample("grounding", image, f"Where is {phrases[k]}?", box_answer(phrases[k], boxes[k]), boxes[k],
+                  tuple(zip(phrases, boxes, strict=True)))
 
 
 MAKERS = {"colour": colour_sample, "sign": sign_sample, "grounding": grounding_sample}
@@ -157,12 +159,16 @@ def make_set(task: str, n: int, seed: int) -> list[Sample]:
     return [next(stream) for _ in range(n)]
 
 
-def answer_correct(sample: Sample, answer: str) -> bool:
-    """Exact answer for colour and sign; box IoU >= 0.5 with the right shape for grounding."""
-    answer = answer.strip()
-    if sample.box is None:
-        return answer == sample.answer
+def is_right(expected: str, box: tuple[float, ...] | None, answer: str, size: tuple[int, int] = (SIZE, SIZE)) -> bool:
+    """Exact answer; or, when a pixel box is expected, the first answered box has IoU >= 0.5 with it."""
+    if box is None:
+        return answer.strip() == expected
     from qwenvl_edge.runtime.boxes import parse_boxes
 
-    boxes = parse_boxes(answer, SIZE, SIZE)
-    return bool(boxes) and iou(boxes[0].pixels, sample.box) >= 0.5
+    boxes = parse_boxes(answer, *size)
+    return bool(boxes) and iou(boxes[0].pixels, box) >= 0.5
+
+
+def answer_correct(sample: Sample, answer: str) -> bool:
+    """The issue's scoring of one sample's answer (see ``is_right``)."""
+    return is_right(sample.answer, sample.box, answer)

@@ -33,7 +33,7 @@ def _private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def report(trained_default_bundle: Path, trained_f32_bundle: Path) -> dict:
-    return evaluate(trained_default_bundle, synthetic_items(N_PER_TASK, TEST_SEED), trained_f32_bundle, n_threads=2)
+    return evaluate(trained_default_bundle, synthetic_items(N_PER_TASK, TEST_SEED), trained_f32_bundle, n_threads=1)
 
 
 # --- the task generator -------------------------------------------------------------------------
@@ -119,11 +119,11 @@ def test_report_measures_each_stage(report: dict) -> None:
 def test_eval_command_prints_text_and_json(trained_default_bundle: Path, trained_f32_bundle: Path,
                                            capsys) -> None:
     assert main(["eval", str(trained_default_bundle), "--reference", str(trained_f32_bundle), "--n", "2",
-                 "--seed", "11", "--threads", "2", "--json"]) == 0
+                 "--seed", "11", "--threads", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data["tasks"]) == set(T.TASKS) and data["items"] == 6
     assert set(data["decoder"]) >= {"top1_agreement", "kl_mean", "kl_max"}
-    assert main(["eval", str(trained_default_bundle), "--n", "1", "--threads", "2"]) == 0
+    assert main(["eval", str(trained_default_bundle), "--n", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "task sign: bundle" in out and "vision rows" not in out  # no reference: accuracy only
 
@@ -135,7 +135,7 @@ def test_eval_reads_a_folder_with_questions(trained_f32_bundle: Path, tmp_path: 
         s.image.save(tmp_path / f"{i}.png")
         entries.append({"image": f"{i}.png", "question": s.question, "answer": s.answer, "task": "sign"})
     (tmp_path / "questions.json").write_text(json.dumps(entries))
-    assert main(["eval", str(trained_f32_bundle), "--images", str(tmp_path), "--json", "--threads", "2"]) == 0
+    assert main(["eval", str(trained_f32_bundle), "--images", str(tmp_path), "--json", "--threads", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["tasks"]["sign"]["bundle"]["n"] == 2
 
 
@@ -151,7 +151,7 @@ def test_eval_bad_input_is_one_line(trained_f32_bundle: Path, args: list[str], m
 
 def test_demo_answers_its_three_tasks(tmp_path: Path, capsys) -> None:
     demo = tmp_path / "demo"
-    assert main(["demo", "--dir", str(demo), "--no-cache", "--threads", "2"]) == 0
+    assert main(["demo", "--dir", str(demo), "--no-cache", "--threads", "1"]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("  A: ") == 3 and "3/3 right" in captured.err, captured
     for name in ("demo-sign.png", "demo-colour.png", "demo-grounding.png", "demo-grounding-box.png"):

@@ -9,10 +9,10 @@ Prompts are built by the runtime's own ``PromptBuilder`` (system prompt, ``Pictu
 the ``<|im_end|>`` after them. Only the vocabulary rows those prompts and answers use are
 trained (``trained_ids``); the other rows of ``wte`` / ``lm_head`` stay at
 ``frozen_rows(seed)``, and each step scores the answer against 4096 of them so none of them
-can win at inference. Every ``--eval-every`` steps the model (rounded to bf16, as the
-checkpoint stores it) answers a held-out set greedily over the full vocabulary; training stops
-when every task clears its target, or at the time limit, and the best state is written to
-``export/data/tiny_trained.npz``.
+can win at inference. A grounding image is asked about each of its shapes (the vision pass is
+shared). Every ``--eval-every`` steps the model (rounded to bf16, as the checkpoint stores it)
+is scored on a held-out set (seed 3); training stops when every task clears its target, or at
+the time limit, and the best state is written to ``export/data/tiny_trained.npz``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ SEED = 20261201  # weights init, frozen rows and the training image stream
 HELDOUT_SEED = 3  # early-stopping set; tests use 1, the benchmark 2
 OVERRIDES = {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 1024,
              "visual": {"width": 64, "layers": 2, "heads": 4}}
-MIX = {"colour": 0.2, "sign": 0.3, "grounding": 0.5}
+MIX = {"colour": 0.25, "sign": 0.35, "grounding": 0.4}
 TARGET = {"colour": 1.0, "sign": 0.98, "grounding": 0.95}  # held-out accuracy at which training stops
 SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -130,15 +130,6 @@ def init_params(cfg: QwenConfig, trained: list[int]) -> dict[str, torch.Tensor]:
     return p
 
 
-def full_params(p: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], ids: torch.Tensor) -> dict:
-    out = {k: v for k, v in p.items() if "#" not in k}
-    for name in VOCAB_TABLES:
-        table = frozen[name].clone()
-        table[ids] = p[name + "#rows"].detach()
-        out[name] = table
-    return out
-
-
 def bf16(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(bf16_bits_to_f32(f32_to_bf16_bits(t.detach().numpy())).reshape(t.shape))
 
@@ -165,70 +156,68 @@ class Trainer:
     def vis(self, p: dict, pixels: torch.Tensor) -> torch.Tensor:
         return vision(p, pixels, self.cfg.visual.heads)
 
-    def batch(self, n: int) -> list[T.Sample]:
+    def batch(self, n: int) -> tuple[list[T.Sample], list[tuple[int, str, str]]]:
+        """``n`` images and their questions: one each, except a grounding image is asked about every shape."""
         tasks = self.rng.choices(list(MIX), weights=list(MIX.values()), k=n)
-        return [next(self.streams[t]) for t in tasks]
+        samples = [next(self.streams[t]) for t in tasks]
+        qa = []
+        for i, s in enumerate(samples):
+            if s.objects:
+                qa += [(i, f"Where is {phrase}?", T.box_answer(phrase, box)) for phrase, box in s.objects]
+            else:
+                qa.append((i, s.question, s.answer))
+        return samples, qa
 
-    def embed(self, p: dict, samples: list[T.Sample], rows: torch.Tensor, with_answer: bool):
-        """Input embeddings [B, T, H] (right-padded), target local ids and the loss mask."""
-        seqs, starts = [], []
-        for s in samples:
-            ids, start = self.prompts.prompt(s.question)
-            seqs.append(list(ids) + (list(self.prompts.answer(s.answer)) if with_answer else []))
-            starts.append(start)
+    def hidden(self, p: dict, samples: list[T.Sample], qa: list[tuple[int, str, str]]):
+        """Final hidden states at the answer positions [N, H] and their target local ids [N]."""
+        pixels = torch.from_numpy(np.stack([preprocess_image(s.image) for s in samples]))
+        rows = self.vis(p, pixels)[torch.tensor([i for i, _, _ in qa])]
+        seqs, plens = [], []
+        for _, question, answer in qa:
+            ids, start = self.prompts.prompt(question)
+            seqs.append([max(i, 0) for i in ids] + list(self.prompts.answer(answer)))
+            plens.append(len(ids))
         n = max(map(len, seqs))
-        pad = self.prompts.info.eos_token_id
-        ids = torch.tensor([[self.local[max(i, 0) if i >= 0 else pad] for i in q] + [self.local[pad]] * (n - len(q))
+        pad = self.local[self.prompts.info.eos_token_id]
+        ids = torch.tensor([[self.local.get(i, pad) for i in q] + [pad] * (n - len(q))
                             for q in seqs])
         emb = p["transformer.wte.weight#rows"][ids]
-        emb = torch.cat([emb[:, :starts[0]], rows, emb[:, starts[0] + 256:]], dim=1)
-        assert all(s == starts[0] for s in starts)
+        emb = torch.cat([emb[:, :start], rows, emb[:, start + 256:]], dim=1)
         mask = torch.zeros(len(seqs), n, dtype=torch.bool)
-        for b, s in enumerate(samples):
-            plen = len(self.prompts.prompt(s.question)[0])
-            mask[b, plen - 1:len(seqs[b]) - 1] = True  # position t predicts token t + 1
-        targets = torch.roll(ids, -1, dims=1)
-        return emb, targets, mask
+        for b, (q, plen) in enumerate(zip(seqs, plens, strict=True)):
+            mask[b, plen - 1:len(q) - 1] = True  # position t predicts token t + 1
+        h = decoder_hidden(p, emb, self.cfg.num_attention_heads)
+        return h[mask], torch.roll(ids, -1, dims=1)[mask], mask
 
-    def step_loss(self, samples: list[T.Sample]) -> torch.Tensor:
-        p = self.p
-        pixels = torch.from_numpy(np.stack([preprocess_image(s.image) for s in samples]))
-        rows = self.vis(p, pixels)
-        emb, targets, mask = self.embed(p, samples, rows, with_answer=True)
-        h = decoder_hidden(p, emb, self.cfg.num_attention_heads)[mask]  # [N, H]
+    def logits(self, p: dict, h: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """Scores of the trained rows, then of the frozen rows ``neg`` (which must never win)."""
+        return h @ torch.cat([p["lm_head.weight#rows"], self.frozen["lm_head.weight"][neg]]).T
+
+    def step_loss(self, samples: list[T.Sample], qa: list[tuple[int, str, str]]) -> torch.Tensor:
+        h, targets, _ = self.hidden(self.p, samples, qa)
         neg = self.frozen_ids[torch.randint(len(self.frozen_ids), (N_NEG,))]
-        w = torch.cat([p["lm_head.weight#rows"], self.frozen["lm_head.weight"][neg]])
-        return F.cross_entropy(h @ w.T, targets[mask])
+        return F.cross_entropy(self.logits(self.p, h, neg), targets)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy answers of the bf16-rounded model over the full vocabulary on the held-out sets."""
+        """Held-out accuracy of the bf16-rounded model, teacher-forced (cheap; exact for colour and sign).
+
+        Each answer token is the argmax given the right tokens before it, over the trained rows and
+        8192 frozen ones; the bundle's own greedy answers are measured by ``qwenvl-edge eval``.
+        """
         p = {k: bf16(v) for k, v in self.p.items()}
-        full = full_params(p, self.frozen, self.trained_t)
-        stop = set(self.prompts.info.stop_ids)
+        neg = self.frozen_ids[torch.randperm(len(self.frozen_ids), generator=torch.Generator().manual_seed(0))[:8192]]
+        ids_of = torch.cat([self.trained_t, neg])
         scores = {}
         for task, samples in self.heldout.items():
-            pixels = torch.from_numpy(np.stack([preprocess_image(s.image) for s in samples]))
-            rows = self.vis(full, pixels)
-            start = self.prompts.prompt(samples[0].question)[1]
-            pad = self.prompts.info.eos_token_id
-            outs: list[list[int]] = [[] for _ in samples]
-            done = [False] * len(samples)
-            for _ in range(28 if task == "grounding" else 6):
-                seqs = [[max(i, 0) for i in self.prompts.prompt(s.question)[0]] + o
-                        for s, o in zip(samples, outs, strict=True)]
-                lens = torch.tensor([len(q) for q in seqs])
-                n = int(lens.max())
-                emb = full["transformer.wte.weight"][torch.tensor([q + [pad] * (n - len(q)) for q in seqs])]
-                emb[:, start:start + 256] = rows
-                h = decoder_hidden(full, emb, self.cfg.num_attention_heads)[torch.arange(len(seqs)), lens - 1]
-                for b, t in enumerate((h @ full["lm_head.weight"].T).argmax(-1).tolist()):
-                    if not done[b]:
-                        done[b] = t in stop
-                        outs[b].append(t if not done[b] else pad)
-                if all(done):
-                    break
-            texts = [self.prompts.decode([i for i in o if i != pad]) for o in outs]
+            qa = [(i, s.question, s.answer) for i, s in enumerate(samples)]
+            h, _, mask = self.hidden(p, samples, qa)
+            pred = ids_of[self.logits(p, h, neg).argmax(-1)].tolist()
+            counts = mask.sum(1).tolist()
+            texts, k = [], 0
+            for c in counts:
+                texts.append(self.prompts.decode(pred[k:k + c]))
+                k += c
             scores[task] = sum(T.answer_correct(s, a) for s, a in zip(samples, texts, strict=True)) / len(samples)
             scores[task + "_example"] = texts[0]
         return scores
@@ -280,10 +269,10 @@ def main() -> None:
     best = -1.0
     losses: list[float] = []
     for step in range(start_step, args.steps):
-        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        lr = args.lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = tr.step_loss(tr.batch(args.batch))
+        loss = tr.step_loss(*tr.batch(args.batch))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
