@@ -6,7 +6,7 @@ Run from the repository root with a CPU-only torch (see training/README.md):
 
 Prompts are built by the runtime's own ``PromptBuilder`` (system prompt, ``Picture 1:
 <img>...</img>``, ChatML) over the real Qwen tokenizer; the loss is on the answer tokens and
-the ``<|im_end|>`` after them. Only the vocabulary rows those prompts and answers use are
+the ``<|im_end|>`` after them, each answer weighted equally. Only the vocabulary rows those prompts and answers use are
 trained (``trained_ids``); the other rows of ``wte`` / ``lm_head`` stay at
 ``frozen_rows(seed)``, and each step scores the answer against 4096 of them so none of them
 can win at inference. A grounding image is asked about each of its shapes (the vision pass is
@@ -194,9 +194,13 @@ class Trainer:
         return h @ torch.cat([p["lm_head.weight#rows"], self.frozen["lm_head.weight"][neg]]).T
 
     def step_loss(self, samples: list[T.Sample], qa: list[tuple[int, str, str]]) -> torch.Tensor:
-        h, targets, _ = self.hidden(self.p, samples, qa)
+        h, targets, mask = self.hidden(self.p, samples, qa)
         neg = self.frozen_ids[torch.randint(len(self.frozen_ids), (N_NEG,))]
-        return F.cross_entropy(self.logits(self.p, h, neg), targets)
+        losses = F.cross_entropy(self.logits(self.p, h, neg), targets, reduction="none")
+        # each answer weighs the same, however many tokens it has: a colour's one word counts as much
+        # as a box's 24 tokens, so the short answers are not drowned by the grounding digits
+        per_answer = mask.sum(1, keepdim=True).expand_as(mask)[mask].float()
+        return (losses / per_answer).sum() / len(qa)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
