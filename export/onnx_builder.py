@@ -11,42 +11,15 @@ model over protobuf's 2 GB limit is built while holding one tensor at a time.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import BinaryIO
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-DATA_ALIGNMENT = 4096  # page-aligned offsets let onnxruntime memory-map the weights
+from qwenvl_edge.onnx_files import ExternalDataWriter
+
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors (shapes, scalars) stay inline in the graph
-
-
-class ExternalDataWriter:
-    """Appends raw tensor bytes to one ``.data`` file and points tensor protos at them."""
-
-    def __init__(self, f: BinaryIO, location: str, alignment: int = DATA_ALIGNMENT):
-        self.f = f
-        self.location = location  # file name as the model refers to it (next to the .onnx)
-        self.alignment = alignment
-        self.offset = 0
-
-    def store(self, tensor: TensorProto, array: np.ndarray) -> None:
-        pad = -self.offset % self.alignment
-        if pad:
-            self.f.write(b"\0" * pad)
-            self.offset += pad
-        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))  # ONNX stores little-endian
-        self.f.write(data.data)
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.location), ("offset", self.offset), ("length", data.nbytes)):
-            tensor.external_data.add(key=key, value=str(value))
-        self.offset += data.nbytes
 
 
 class GraphBuilder:
@@ -117,27 +90,3 @@ class GraphBuilder:
         for key, value in (metadata or {}).items():
             model.metadata_props.add(key=key, value=value)
         return model
-
-
-def external_data_path(model_path: Path) -> Path:
-    """Where a model's external weights live: ``<model>.data`` beside it (ORT's quantizer names it so too)."""
-    return model_path.with_name(model_path.name + ".data")
-
-
-@contextlib.contextmanager
-def staged_model_files(out_path: Path) -> Iterator[Path]:
-    """Yield a path named like ``out_path`` inside a hidden sibling folder; when the block succeeds,
-    move it and its ``.data`` (if any) into place, data first; whatever happens, remove the folder.
-    So a model is never seen half-written, and a stale ``.data`` from an earlier run goes away."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
-    try:
-        staged = tmp / out_path.name
-        yield staged
-        if external_data_path(staged).exists():
-            os.replace(external_data_path(staged), external_data_path(out_path))
-        else:
-            external_data_path(out_path).unlink(missing_ok=True)
-        os.replace(staged, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,8 @@ from onnx import TensorProto, helper
 
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.config import VisualConfig
-from qwenvl_edge.export.onnx_builder import ExternalDataWriter, GraphBuilder, external_data_path, staged_model_files
+from qwenvl_edge.export.onnx_builder import GraphBuilder
+from qwenvl_edge.onnx_files import ExternalDataWriter, external_data_path, staged_model_files
 
 log = logging.getLogger(__name__)
 

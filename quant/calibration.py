@@ -139,3 +139,23 @@ class ImageCalibrationReader(CalibrationDataReader):
 
     def __len__(self) -> int:
         return len(self.pixels)
+
+
+class ActivationCalibrationReader(CalibrationDataReader):
+    """Feeds prepared input dicts (a graph piece's inputs, one image each) to onnxruntime's calibrator."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
+        self.feeds = list(feeds)
+        self._next = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self.feeds):
+            return None
+        self._next += 1
+        return self.feeds[self._next - 1]
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.feeds)

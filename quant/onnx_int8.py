@@ -1,4 +1,4 @@
-"""INT8 vision graph: a separate pass of onnxruntime.quantization over the finished FP32 file.
+"""INT8 vision graph: onnxruntime.quantization over the finished FP32 file, a few ViT blocks at a time.
 
 Only the weight MatMuls are quantized (each ``MatMul`` whose B input is an initializer): the
 attention score/context products, LayerNorms, GELU and softmax stay in float, and so does the
@@ -8,14 +8,29 @@ the final projection: 2.6% of the FLOPs at full size, but the adapter's kv_proj 
 residual stream (no LayerNorm before it), where real ViTs keep their outlier channels, and on
 the tiny golden leaving them in float lifts the worst row cosine from 0.9993 to 0.9997.
 
-Every call measures itself: the returned dict holds the scheme and the FP32-vs-INT8 row quality on
-the calibration images and on held-out ones (``quant.vision_quality``).
+**Why the default is uint8 weights (``dynamic-u8``).** onnxruntime's MLAS runs an int8-weight x
+uint8-activation product on x86 CPUs without VNNI (AVX2 only: AMD before Zen 4, Intel before Ice
+Lake / Alder Lake; also AVX-512 without VNNI) with ``vpmaddubsw``, which adds two u8 x s8 products
+into a *saturating* 16-bit sum (255 x 127 x 2 > 32767): rows drift (min cosine 0.990 on the tiny
+golden under ``qemu-x86_64 -cpu Haswell``). uint8 x uint8 is widened to 16 bits first there
+(``vpmaddwd``: exact), and on VNNI (``vpdpbusd``) and ARM64 (``udot``/``sdot``, or ``umull``
+widening without dot-product) every scheme accumulates exactly in 32 bits. So u8 x u8 gives the
+same rows on every CPU; the s8 schemes are faster on VNNI / ARM (about 1.3x here) and are kept as
+options with that caveat (``SCHEMES[...].caveat``).
+
+Memory stays bounded at any size: the FP32 graph is cut into pieces of a few blocks
+(``quant.onnx_pieces``), each piece goes through onnxruntime's quantizer alone, and the quantized
+pieces are joined into one graph whose weights stream into ``<out>.data``. The FP32-vs-INT8 row
+quality is measured on the way, piece by piece, so no whole FP32 session (15 GB at full size with
+its prepacked copies) is ever opened.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +38,16 @@ import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from qwenvl_edge.errors import QwenVLError
-from qwenvl_edge.export.onnx_builder import staged_model_files
-from qwenvl_edge.quant.calibration import CALIBRATION_SEED, HELDOUT_SEED, ImageCalibrationReader, generate_images
-from qwenvl_edge.quant.vision_quality import measure_vision_quality
+from qwenvl_edge.onnx_files import ExternalDataWriter, external_data_path, staged_model_files
+from qwenvl_edge.quant.calibration import (
+    CALIBRATION_SEED,
+    HELDOUT_SEED,
+    ActivationCalibrationReader,
+    generate_images,
+    preprocess_all,
+)
+from qwenvl_edge.quant.onnx_pieces import DEFAULT_PIECE_BYTES, GraphAssembler, iter_piece_models
+from qwenvl_edge.quant.vision_quality import PieceRunner, compare_rows
 from qwenvl_edge.runtime.preprocess import ImageSource
 
 log = logging.getLogger(__name__)
@@ -35,6 +57,10 @@ N_CALIBRATION_IMAGES = 8
 N_HELDOUT_IMAGES = 4
 N_MEASURED_CALIBRATION = 4  # quality is measured on this many calibration images (each costs two full runs)
 DEFAULT_EXCLUDE = ("/visual/adapter/", "/visual/proj/")
+S8_CAVEAT = ("int8 weights: fastest on CPUs with VNNI or ARM dot-product, but on AVX2-only x86 CPUs "
+             "(no VNNI) onnxruntime's 16-bit sums saturate and the rows lose accuracy")
+
+Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -45,22 +71,29 @@ class Int8Scheme:
     weight_type: QuantType
     per_channel: bool
     description: str
+    caveat: str = ""  # printed by the export when the scheme's quality depends on the CPU that runs it
+    reduce_range: bool = False
 
 
 SCHEMES: dict[str, Int8Scheme] = {
-    # int8 x uint8 products use VNNI (x86) / dot-product (ARM) kernels: the fastest on current CPUs
-    "dynamic": Int8Scheme("dynamic", QuantType.QInt8, True,
-                          "quantize_dynamic: int8 weights per output channel, uint8 activations per run"),
-    # for AVX2 CPUs without VNNI, where int8 x uint8 sums can saturate in 16 bits; ~40% slower elsewhere
+    # the default: u8 x u8 is exact on every CPU (see the module docstring)
     "dynamic-u8": Int8Scheme("dynamic", QuantType.QUInt8, True,
                              "quantize_dynamic: uint8 weights per output channel, uint8 activations per run"),
+    # int8 x uint8 products use VNNI (x86) / dot-product (ARM) kernels: the fastest there
+    "dynamic": Int8Scheme("dynamic", QuantType.QInt8, True,
+                          "quantize_dynamic: int8 weights per output channel, uint8 activations per run",
+                          caveat=S8_CAVEAT),
+    # 7-bit int8 weights cannot saturate 16-bit sums (255 x 64 x 2 < 32767): portable and VNNI-fast, coarser
+    "dynamic-s7": Int8Scheme("dynamic", QuantType.QInt8, True,
+                             "quantize_dynamic: int8 weights in 7 bits (reduce_range) per output channel, "
+                             "uint8 activations per run", reduce_range=True),
     "dynamic-per-tensor": Int8Scheme("dynamic", QuantType.QUInt8, False,
                                      "quantize_dynamic: uint8 weights per tensor, uint8 activations per run"),
-    "static": Int8Scheme("static", QuantType.QInt8, True,
-                         "quantize_static QDQ: int8 weights per channel, uint8 activations with min/max "
+    "static": Int8Scheme("static", QuantType.QUInt8, True,
+                         "quantize_static QDQ: uint8 weights per channel, uint8 activations with min/max "
                          "ranges from the calibration images"),
 }
-DEFAULT_SCHEME = "dynamic"
+DEFAULT_SCHEME = "dynamic-u8"
 
 
 def weight_matmuls(model: onnx.ModelProto, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -85,17 +118,17 @@ def _has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def _run_quantizer(s: Int8Scheme, fp32_path: Path, out_path: Path, to_quantize: list[str], external: bool,
-                   calibration: Sequence[ImageSource]) -> None:
+def _run_quantizer(s: Int8Scheme, src: Path, dst: Path, to_quantize: list[str],
+                   calibration: ActivationCalibrationReader | None) -> None:
     common = dict(op_types_to_quantize=["MatMul"], nodes_to_quantize=to_quantize, per_channel=s.per_channel,
-                  weight_type=s.weight_type, use_external_data_format=external)
+                  weight_type=s.weight_type, reduce_range=s.reduce_range)
     hint_filter = _DropPreprocessHint()
     logging.getLogger().addFilter(hint_filter)
     try:
         if s.method == "dynamic":
-            quantize_dynamic(fp32_path, out_path, **common)
+            quantize_dynamic(src, dst, **common)
         else:
-            quantize_static(fp32_path, out_path, ImageCalibrationReader(calibration), quant_format=QuantFormat.QDQ,
+            quantize_static(src, dst, calibration, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, **common)
     finally:
         logging.getLogger().removeFilter(hint_filter)
@@ -105,7 +138,8 @@ def quantize_vision(fp32_path: Path, out_path: Path, scheme: str = DEFAULT_SCHEM
                     calibration_images: Sequence[ImageSource] | None = None,
                     exclude: Sequence[str] = DEFAULT_EXCLUDE,
                     heldout_images: Sequence[ImageSource] | None = None,
-                    n_threads: int | None = None) -> dict:
+                    n_threads: int | None = None, progress: Progress | None = None,
+                    max_piece_bytes: int = DEFAULT_PIECE_BYTES) -> dict:
     """Quantize ``fp32_path`` into ``out_path`` (+ ``.data`` when large) and return the quality report.
 
     ``calibration_images`` (files or PIL images) calibrate the static scheme and are measured for
@@ -120,25 +154,60 @@ def quantize_vision(fp32_path: Path, out_path: Path, scheme: str = DEFAULT_SCHEM
     if not fp32_path.is_file():
         raise QwenVLError(f"{fp32_path}: FP32 vision model not found")
     s = SCHEMES[scheme]
+    say = progress or (lambda _m: None)
     header = onnx.load(str(fp32_path), load_external_data=False)  # graph only: names, not weights
     to_quantize, kept = weight_matmuls(header, exclude)
     external = _has_external_data(header) or fp32_path.stat().st_size > EXTERNAL_DATA_BYTES
-    del header
+    size = header.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
     calibration = list(calibration_images) if calibration_images else generate_images(N_CALIBRATION_IMAGES,
                                                                                         CALIBRATION_SEED)
     heldout = list(heldout_images) if heldout_images else generate_images(N_HELDOUT_IMAGES, HELDOUT_SEED)
     log.info("vision int8 (%s): quantizing %d MatMuls, %d kept in float", scheme, len(to_quantize), len(kept))
 
-    with staged_model_files(out_path) as staged:  # the final name, so the .data location inside is right
-        _run_quantizer(s, fp32_path, staged, to_quantize, external, calibration)
-        measured = {"calibration": calibration[:N_MEASURED_CALIBRATION], "heldout": heldout}
-        quality = measure_vision_quality(fp32_path, staged, measured, n_threads)
+    calibration_pixels = preprocess_all(calibration, size)  # bad user images fail here, before any work
+    sets = {"calibration": calibration_pixels[:N_MEASURED_CALIBRATION], "heldout": preprocess_all(heldout, size)}
+    runner = PieceRunner(header.graph.input[0].name, sets, n_threads,
+                         extra=calibration_pixels if s.method == "static" else ())
+    quantize_set = set(to_quantize)
+    with staged_model_files(out_path) as staged, \
+            tempfile.TemporaryDirectory(prefix=".int8-pieces.", dir=out_path.parent) as scratch_dir:
+        scratch = Path(scratch_dir)
+        data_file = open(external_data_path(staged), "wb") if external else None  # noqa: SIM115 (closed below)
+        try:
+            writer = ExternalDataWriter(data_file, external_data_path(out_path).name) if data_file else None
+            assembler = GraphAssembler(header, writer)
+            for i, n, piece, model in iter_piece_models(fp32_path, max_piece_bytes):
+                say(f"vision int8: piece {i + 1}/{n} ({piece.label}, {piece.nbytes / 2**20:.0f} MiB FP32)")
+                fp32_piece, int8_piece = scratch / f"piece{i}_fp32.onnx", scratch / f"piece{i}_int8.onnx"
+                onnx.save(model, str(fp32_piece))
+                del model
+                nodes = [node.name for node in piece.nodes if node.name in quantize_set]
+                if nodes:  # an empty list would mean "every node" to the quantizer
+                    reader = (ActivationCalibrationReader(runner.calibration_feeds(piece.inputs))
+                              if s.method == "static" else None)
+                    _run_quantizer(s, fp32_piece, int8_piece, nodes, reader)
+                else:
+                    shutil.copyfile(fp32_piece, int8_piece)
+                runner.run_piece(fp32_piece, int8_piece, piece.inputs, piece.outputs, piece.live_after)
+                assembler.add(onnx.load(str(int8_piece)))
+                fp32_piece.unlink()
+                int8_piece.unlink()
+            onnx.save(assembler.model, str(staged))
+        finally:
+            if data_file:
+                data_file.close()
+        onnx.checker.check_model(str(staged))
+    output = header.graph.output[0].name
+    quality = {name: {"images": len(pixels), **compare_rows(*runner.rows(name, output))}
+               for name, pixels in sets.items()}
     return {
         "scheme": scheme,
         "method": s.method,
         "weight_type": s.weight_type.name,
         "per_channel": s.per_channel,
+        "reduce_range": s.reduce_range,
         "description": s.description,
+        **({"caveat": s.caveat} if s.caveat else {}),
         "activation_type": QuantType.QUInt8.name,
         "exclude": list(exclude),
         "quantized_matmuls": len(to_quantize),

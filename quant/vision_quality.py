@@ -11,11 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
-
-from qwenvl_edge.quant.calibration import preprocess_all
-from qwenvl_edge.runtime.preprocess import ImageSource
-from qwenvl_edge.runtime.vision import VisionEncoder
+import onnxruntime as ort
 
 
 def compare_rows(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -37,25 +33,69 @@ def compare_rows(reference: np.ndarray, candidate: np.ndarray) -> dict[str, floa
     }
 
 
-def _encode_sets(path: Path, pixel_sets: Mapping[str, np.ndarray], n_threads: int | None) -> dict[str, np.ndarray]:
-    with VisionEncoder(path, n_threads) as encoder:
-        return {name: encoder.encode(batch) for name, batch in pixel_sets.items()}
+def _session(path: Path, n_threads: int | None) -> ort.InferenceSession:
+    """Options as the runtime's encoder sets them, so the measured rows are the rows users get."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = n_threads or 0
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def measure_vision_quality(fp32_path: Path, int8_path: Path, image_sets: Mapping[str, Sequence[ImageSource]],
-                           n_threads: int | None = None) -> dict[str, dict[str, float]]:
-    """``{set name: compare_rows(...)}`` for each named image set (e.g. calibration, heldout).
+class PieceRunner:
+    """Runs images through a graph piece by piece, FP32 and INT8 side by side, one image per run.
 
-    One session at a time: at full size the FP32 session alone holds its weights and their
-    prepacked copies (over 15 GB), so the INT8 one opens only after it is gone.
+    One image per run as the runtime's encoder does it (dynamic INT8 scales activations per run).
+    Only the activations later pieces read are kept (7 MB per image at full size), and each piece's
+    sessions live only while that piece runs: no whole FP32 session is ever opened.
     """
-    header = onnx.load(str(int8_path), load_external_data=False)  # the input shape, not the weights
-    size = header.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
-    pixel_sets = {name: np.stack(preprocess_all(images, size)) for name, images in image_sets.items()}  # (n,3,S,S)
-    reference = _encode_sets(fp32_path, pixel_sets, n_threads)
-    quantized = _encode_sets(int8_path, pixel_sets, n_threads)
-    return {name: {"images": len(pixel_sets[name]), **compare_rows(reference[name], quantized[name])}
-            for name in pixel_sets}
+
+    def __init__(self, input_name: str, sets: Mapping[str, Sequence[np.ndarray]], n_threads: int | None = None,
+                 extra: Sequence[np.ndarray] = ()):
+        self.n_threads = n_threads
+        self.fp32: list[dict[str, np.ndarray]] = [{input_name: x[None]} for x in extra]
+        self.calibration_ids = list(range(len(extra)))  # FP32 activations that calibrate the static scheme
+        self.set_ids: dict[str, list[int]] = {}
+        for name, pixels in sets.items():
+            ids = []
+            for x in pixels:
+                same = [i for i in self.calibration_ids if np.array_equal(self.fp32[i][input_name][0], x)]
+                if not same:
+                    self.fp32.append({input_name: x[None]})
+                ids.append(same[0] if same else len(self.fp32) - 1)
+            self.set_ids[name] = ids
+        self.int8 = {i: dict(self.fp32[i]) for ids in self.set_ids.values() for i in ids}
+
+    def calibration_feeds(self, inputs: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        return [{k: self.fp32[i][k] for k in inputs} for i in self.calibration_ids]
+
+    @staticmethod
+    def _advance(session: ort.InferenceSession, acts: dict[str, np.ndarray], inputs: Sequence[str],
+                 outputs: Sequence[str], live: set[str]) -> None:
+        results = session.run(list(outputs), {k: acts[k] for k in inputs})
+        acts.update(zip(outputs, results, strict=True))
+        for k in [k for k in acts if k not in live]:
+            del acts[k]
+
+    def run_piece(self, fp32_path: Path, int8_path: Path, inputs: Sequence[str], outputs: Sequence[str],
+                  live_after: Sequence[str]) -> None:
+        """Advance both chains through one piece (FP32 session first, then the INT8 one, never both)."""
+        live = set(live_after)
+        session = _session(fp32_path, self.n_threads)
+        for acts in self.fp32:
+            self._advance(session, acts, inputs, outputs, live)
+        session = _session(int8_path, self.n_threads)
+        for acts in self.int8.values():
+            self._advance(session, acts, inputs, outputs, live)
+        del session
+
+    def rows(self, set_name: str, output: str) -> tuple[np.ndarray, np.ndarray]:
+        """(FP32 rows, INT8 rows) of one image set, [n, 256, hidden] each."""
+        ids = self.set_ids[set_name]
+        return (np.concatenate([self.fp32[i][output] for i in ids]),
+                np.concatenate([self.int8[i][output] for i in ids]))
 
 
 def format_quality(report: Mapping[str, Mapping[str, float]]) -> str:

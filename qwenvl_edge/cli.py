@@ -57,13 +57,17 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="the bundle folder to write")
     p.add_argument("--vision", choices=["int8", "fp32"], default="int8")
     p.add_argument("--vision-scheme", default=None,
-                   help="INT8 scheme: dynamic (default), dynamic-u8, dynamic-per-tensor or static")
+                   help="INT8 scheme: dynamic-u8 (default: the same rows on every CPU), dynamic (int8 weights: "
+                        "faster with VNNI / ARM dot-product, less accurate on AVX2-only x86), dynamic-s7, "
+                        "dynamic-per-tensor or static")
     p.add_argument("--calibration-image", action="append", type=Path,
                    help="an image for static INT8 calibration (repeatable)")
     p.add_argument("--llm", default="Q4_K_M", help="Q4_K_M (default), Q4_0, Q5_K_M, Q8_0, F16, BF16 or F32")
     p.add_argument("--keep-fp32-vision", action="store_true", help="also keep vision_fp32.onnx in the bundle")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle folder (only a bundle)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: drop the stages an interrupted export of the same job left in the cache")
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:

@@ -59,11 +59,12 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from qwenvl_edge.export.bundle import ExportOptions, export_bundle
+    from qwenvl_edge.bundle_export import ExportOptions, export_bundle
 
     opts = ExportOptions(vision=a.vision, vision_scheme=a.vision_scheme,
                          calibration_images=tuple(a.calibration_image or ()), llm=a.llm,
-                         keep_fp32_vision=a.keep_fp32_vision, n_threads=a.threads, force=a.force)
+                         keep_fp32_vision=a.keep_fp32_vision, n_threads=a.threads, force=a.force,
+                         fresh=a.fresh)
     out = export_bundle(a.checkpoint, a.out, opts, progress=ProgressPrinter())
     manifest = json.loads((out / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
@@ -74,6 +75,11 @@ def cmd_export(a: argparse.Namespace) -> int:
 
         print(f"vision INT8 ({report.get('scheme')}) vs FP32 rows:")
         print(format_quality(report["quality"]))
+    llm_quality = manifest["llm"].get("quality")
+    if llm_quality:
+        from qwenvl_edge.quant.gguf_quality import format_gguf_quality
+
+        print(f"llm {manifest['llm']['type']} vs BF16 next-token distributions: {format_gguf_quality(llm_quality)}")
     return 0
 
 
@@ -201,7 +207,7 @@ def _demo_bundle(home: Path, llm: str, rebuild: bool) -> Path:
     """The tiny trained model's bundle under ``home``, rebuilt when missing or when the shipped weights changed."""
     import hashlib
 
-    from qwenvl_edge.export.bundle import ExportOptions, export_bundle
+    from qwenvl_edge.bundle_export import ExportOptions, export_bundle
     from qwenvl_edge.export.tiny_trained import DATA, write_tiny_trained
 
     ckpt, bundle, stamp = home / "tiny-trained-checkpoint", home / f"tiny-trained-bundle-{llm}", home / "weights.sha256"

@@ -171,7 +171,7 @@ def evaluate(bundle_dir: Path, items: Sequence[Item], reference_dir: Path | None
 def compare_decoders(reference: Bundle, bundle: Bundle, items: Sequence[Item], rows: np.ndarray,
                      answers: Sequence[tuple[str, list[int]]], n_threads: int | None) -> dict:
     """Next-token agreement and KL of the two decoders on the same rows, along the reference's answers."""
-    from qwenvl_edge.quant.logit_quality import compare_logits
+    from qwenvl_edge.quant.gguf_quality import compare_next_token
 
     ref, cand = TeacherForced(reference, n_threads), TeacherForced(bundle, n_threads)
     try:
@@ -180,7 +180,7 @@ def compare_decoders(reference: Bundle, bundle: Bundle, items: Sequence[Item], r
     finally:
         ref.close()
         cand.close()
-    return compare_logits(np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
+    return compare_next_token(np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
 
 
 def format_report(report: dict) -> str:

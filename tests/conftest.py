@@ -69,7 +69,7 @@ def odd_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def export_for_tests(ckpt: Path, out: Path, vision: str, llm: str) -> Path:
-    from qwenvl_edge.export.bundle import ExportOptions, export_bundle
+    from qwenvl_edge.bundle_export import ExportOptions, export_bundle
 
     return export_bundle(ckpt, out, ExportOptions(vision=vision, llm=llm, n_threads=2), progress=lambda _m: None)
 
@@ -87,12 +87,17 @@ def default_bundle(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
-def narrow_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle of another checkpoint (hidden 128): its parts must not mix with the tiny bundle's."""
+def narrow_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another checkpoint (hidden 128, one block of vision width 32), seed 1."""
     overrides = {"hidden_size": 128, "num_attention_heads": 1, "intermediate_size": 512, "num_hidden_layers": 1,
                  "visual": {"width": 32, "layers": 1, "heads": 2}}
-    ckpt = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "narrow", "tiny", seed=1, overrides=overrides)
-    return export_for_tests(ckpt, tmp_path_factory.mktemp("bundle") / "narrow", "fp32", "F32")
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "narrow", "tiny", seed=1, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def narrow_bundle(narrow_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of another checkpoint (hidden 128): its parts must not mix with the tiny bundle's."""
+    return export_for_tests(narrow_ckpt, tmp_path_factory.mktemp("bundle") / "narrow", "fp32", "F32")
 
 
 @pytest.fixture(scope="session")
