@@ -263,12 +263,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DATA)
     ap.add_argument("--state", type=Path, default=ROOT / "training" / "out" / "state.pt")
+    ap.add_argument("--mix", type=float, nargs=3, metavar=("COLOUR", "SIGN", "GROUNDING"), default=None,
+                    help="task weights of the image stream (default: MIX)")
     ap.add_argument("--local-adapter", action="store_true",
                     help="start the adapter from local_adapter() (also after a resume; resets the optimizer)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     tr = Trainer(args)
+    if args.mix:
+        MIX.update(zip(T.TASKS, args.mix, strict=True))
     params = list(tr.p.values())
     decay = [t for k, t in tr.p.items() if t.dim() >= 2]
     no_decay = [t for k, t in tr.p.items() if t.dim() < 2]
