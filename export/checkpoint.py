@@ -9,7 +9,6 @@ the config implies when the folder is opened, so the exporters never meet a surp
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from qwenvl_edge.export.config import QwenConfig
 from qwenvl_edge.export.safetensors_io import read_safetensors
 from qwenvl_edge.export.tensor_record import TensorRecord
 from qwenvl_edge.export.torch_zip_io import read_torch_zip
+from qwenvl_edge.validate import json_file, plain_name
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,13 @@ def _weight_files(folder: Path) -> list[Path]:
     for index_name, single_name in LAYOUTS:
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError):
-                raise CheckpointError(f"{index}: not a shard index (no weight_map)") from None
-            return [folder / f for f in dict.fromkeys(weight_map.values())]
+            data = json_file(index, CheckpointError, "shard index")
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: not a shard index (weight_map is not a mapping of tensor "
+                                      "name to file)")
+            names = dict.fromkeys(plain_name(f, str(index), CheckpointError) for f in weight_map.values())
+            return [folder / f for f in names]
         if (folder / single_name).is_file():
             return [folder / single_name]
     raise CheckpointError(f"{folder}: no weights (expected {', '.join(n for pair in LAYOUTS for n in pair)})")

@@ -9,26 +9,53 @@ synthetic-checkpoint writer produces from it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
 from qwenvl_edge.errors import CheckpointError
+from qwenvl_edge.validate import json_file
 
 N_QUERIES = 256  # the adapter's learned queries (16 x 16); not in config.json
 GRID_QUERIES = 16
+MAX_SIZE = 2**24  # no Qwen-VL size comes near this; larger ones are corrupt files, not models
+ZERO_ALLOWED = {"kv_channels", "image_start_id"}  # 0 = "not given" / a plain id
+MAX_LAYERS = 1024  # Qwen-VL has 32 + 48; the tensor table holds ~10 entries per layer
+LAYER_FIELDS = {"num_hidden_layers", "layers"}
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    required = {f.name for f in dataclasses.fields(cls)
+def _check_value(name: str, kind: str, value: Any, where: str) -> None:
+    """One config field against its declared type: ints are sizes (1 .. MAX_SIZE), floats finite and positive."""
+    if kind == "int":
+        low = 0 if name in ZERO_ALLOWED else 1
+        high = MAX_LAYERS if name in LAYER_FIELDS else MAX_SIZE
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise CheckpointError(f"{where}: {name} must be an integer in [{low}, {high}], got {value!r:.40}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, Real) or not 0 < float(value) < math.inf:
+            raise CheckpointError(f"{where}: {name} must be a positive finite number, got {value!r:.40}")
+    elif kind == "bool" and not isinstance(value, bool):
+        raise CheckpointError(f"{where}: {name} must be true or false, got {value!r:.40}")
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: must be a JSON object, got {type(data).__name__}: not a Qwen-VL config")
+    fields = dataclasses.fields(cls)
+    required = {f.name for f in fields
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     missing = sorted(required - data.keys())
     if missing:
         raise CheckpointError(f"{where}: missing key(s) {', '.join(missing)}: not a Qwen-VL config")
-    return cls(**{k: v for k, v in data.items() if k in names})
+    for f in fields:
+        if f.name in data:
+            _check_value(f.name, str(f.type), data[f.name], where)
+    try:
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
+    except CheckpointError as e:  # the sizes' cross-checks: name the file too
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -45,6 +72,8 @@ class VisualConfig:
     image_start_id: int = 151857
 
     def __post_init__(self) -> None:
+        if self.mlp_width < 1:
+            raise CheckpointError(f"visual.width {self.width} x mlp_ratio {self.mlp_ratio} leaves no MLP")
         if self.width % self.heads:
             raise CheckpointError(f"visual.width {self.width} is not divisible by visual.heads {self.heads}")
         if self.image_size % self.patch_size:
@@ -125,6 +154,8 @@ class QwenConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config.json") -> QwenConfig:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{where}: not a JSON object")
         if data.get("model_type") not in (None, "qwen") or "visual" not in data:
             raise CheckpointError(f"{where}: not a Qwen-VL config (model_type "
                                   f"{data.get('model_type')!r}, visual block {'visual' in data})")
@@ -133,15 +164,9 @@ class QwenConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> QwenConfig:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no config.json: not a Qwen-VL checkpoint folder") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path}: not a JSON object")
-        return cls.from_dict(data, str(path))
+        if not Path(path).exists():
+            raise CheckpointError(f"{path}: no config.json: not a Qwen-VL checkpoint folder")
+        return cls.from_dict(json_file(path, CheckpointError, "config"), str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

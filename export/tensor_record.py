@@ -68,8 +68,15 @@ class TensorRecord:
         if end > file_size:
             raise CheckpointError(f"{self.path}: truncated: tensor {self.name} needs bytes up to {end}, "
                                   f"file has {file_size}")
-        if self.stride is None and self.storage_offset + self.numel > self.storage_numel:
+        if self.numel and self.storage_offset + self.last_element + 1 > self.storage_numel:
             raise CheckpointError(f"{self.path}: tensor {self.name} {self.shape} overruns its storage")
+
+    @property
+    def last_element(self) -> int:
+        """Index, past ``storage_offset``, of the last element the view reads (``numel - 1`` when contiguous)."""
+        if self.stride is None:
+            return self.numel - 1
+        return sum((d - 1) * s for d, s in zip(self.shape, self.stride, strict=True))
 
     def raw(self) -> np.ndarray:
         """The stored elements as a read-only array (BF16 as uint16 bits), memory-mapped."""

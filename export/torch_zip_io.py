@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from qwenvl_edge.errors import CheckpointError
 from qwenvl_edge.export.tensor_record import RAW_DTYPES, TensorRecord
 
 STORAGE_DTYPES = {"BFloat16Storage": "BF16", "HalfStorage": "F16", "FloatStorage": "F32"}
+MAX_PICKLE_BYTES = 64 * 2**20  # a Qwen-VL shard's data.pkl is ~100 KB; refuse absurd ones before inflating
 ALIGN = 64  # torch aligns each storage record to 64 bytes, which keeps mmaps aligned
 
 
@@ -47,8 +49,23 @@ class _LazyTensor:
     stride: tuple[int, ...]
 
 
+def _ints(values, what: str) -> tuple[int, ...]:
+    if not isinstance(values, tuple) or len(values) > 8 or not all(_is_size(v) for v in values):
+        raise ValueError(f"tensor {what} {values!r:.60} is not a tuple of non-negative integers")
+    return values
+
+
+def _is_size(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**40
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, *rest):
-    return _LazyTensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+    if not isinstance(storage, _Storage) or not _is_size(storage_offset):
+        raise ValueError("tensor rebuilt from something that is not a storage")
+    shape, strides = _ints(size, "size"), _ints(stride, "stride")
+    if len(shape) != len(strides):
+        raise ValueError(f"tensor size {shape} and stride {strides} differ in length")
+    return _LazyTensor(storage, storage_offset, shape, strides)
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None):
@@ -79,9 +96,9 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
-            raise CheckpointError(f"{self.path}: refused: unexpected persistent id {pid!r:.80}")
-        return _Storage(pid[1].dtype, str(pid[2]), int(pid[4]))
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and _is_size(pid[4])):
+            raise CheckpointError(f"{self.path}: refused: unexpected persistent id (a {type(pid).__name__})")
+        return _Storage(pid[1].dtype, pid[2], pid[4])
 
 
 def _data_offset(fp, info: zipfile.ZipInfo) -> int:
@@ -100,40 +117,70 @@ def read_torch_zip(path: Path) -> dict[str, TensorRecord]:
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as fp:
-            pkl = [i for i in zf.infolist() if i.filename.endswith("data.pkl")]
-            if len(pkl) != 1:
-                raise CheckpointError(f"{path}: not a torch checkpoint (no data.pkl)")
-            prefix = pkl[0].filename[: -len("data.pkl")]
-            try:
-                state = _TensorOnlyUnpickler(zf.read(pkl[0]), path).load()
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from None
+            state, prefix = _load_state(zf, path)
             entries = {i.filename: i for i in zf.infolist()}
-            if not isinstance(state, dict):
-                raise CheckpointError(f"{path}: data.pkl holds a {type(state).__name__}, not a state dict")
-            records = {}
-            for name, t in state.items():
-                if not isinstance(t, _LazyTensor):
-                    raise CheckpointError(f"{path}: entry {name!r} is not a tensor")
-                info = entries.get(f"{prefix}data/{t.storage.key}")
-                if info is None:
-                    raise CheckpointError(f"{path}: truncated: storage {t.storage.key} of {name} is missing")
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise CheckpointError(f"{path}: storage of {name} is compressed; torch never does that")
-                itemsize = RAW_DTYPES[t.storage.dtype].itemsize
-                if info.file_size != t.storage.numel * itemsize:
-                    raise CheckpointError(f"{path}: storage of {name} holds {info.file_size} bytes, "
-                                          f"expected {t.storage.numel * itemsize}")
-                contiguous = _contiguous_strides(t.shape) == t.stride
-                rec = TensorRecord(str(name), path, t.storage.dtype, t.shape, _data_offset(fp, info),
-                                   t.storage.numel, t.storage_offset, None if contiguous else t.stride)
-                rec.check_bounds(size)
-                records[str(name)] = rec
-            return records
-    except zipfile.BadZipFile as e:
-        raise CheckpointError(f"{path}: truncated or not a zip file ({e})") from None
+            return {str(name): _record(path, str(name), t, entries, prefix, fp, size) for name, t in state.items()}
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, ValueError, struct.error,
+            OverflowError) as e:
+        raise CheckpointError(f"{path}: truncated or not a zip file ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+
+
+def _load_state(zf: zipfile.ZipFile, path: Path) -> tuple[dict, str]:
+    """The unpickled state dict and the archive's folder prefix; the pickle's size is checked before reading."""
+    pkl = [i for i in zf.infolist() if i.filename.endswith("data.pkl")]
+    if len(pkl) != 1:
+        raise CheckpointError(f"{path}: not a torch checkpoint (no data.pkl)")
+    info = pkl[0]
+    if info.file_size > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{path}: data.pkl declares {info.file_size} bytes, over the "
+                              f"{MAX_PICKLE_BYTES} a state dict needs: refused before reading")
+    try:
+        with zf.open(info) as member:  # zipfile stops inflating at the declared size
+            data = member.read(MAX_PICKLE_BYTES + 1)
+        _check_memo(data, path)
+        state = _TensorOnlyUnpickler(data, path).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # any failure of hostile bytes (zlib, CRC, unpickling) is the file's fault
+        raise CheckpointError(f"{path}: corrupt pickle ({_one_line(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: data.pkl holds a {type(state).__name__}, not a state dict")
+    return state, info.filename[: -len("data.pkl")]
+
+
+def _check_memo(data: bytes, path: Path) -> None:
+    """Refuse memo slots past the pickle's own size before unpickling: CPython's unpickler keeps its memo
+    in an array, so ``LONG_BINPUT 4000000000`` in a few bytes would make it allocate 32 GB."""
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int) and 0 <= arg <= len(data)):
+            raise CheckpointError(f"{path}: refused: the pickle stores at memo slot {str(arg)[:20]}, past its "
+                                  f"{len(data)} bytes")
+
+
+def _record(path: Path, name: str, t: object, entries: dict[str, zipfile.ZipInfo], prefix: str, fp,
+            size: int) -> TensorRecord:
+    if not isinstance(t, _LazyTensor):
+        raise CheckpointError(f"{path}: entry {name!r:.80} is not a tensor")
+    info = entries.get(f"{prefix}data/{t.storage.key}")
+    if info is None:
+        raise CheckpointError(f"{path}: truncated: storage {t.storage.key:.40} of {name} is missing")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"{path}: storage of {name} is compressed; torch never does that")
+    itemsize = RAW_DTYPES[t.storage.dtype].itemsize
+    if info.file_size != t.storage.numel * itemsize:
+        raise CheckpointError(f"{path}: storage of {name} holds {info.file_size} bytes, "
+                              f"expected {t.storage.numel * itemsize}")
+    contiguous = _contiguous_strides(t.shape) == t.stride
+    rec = TensorRecord(name, path, t.storage.dtype, t.shape, _data_offset(fp, info),
+                       t.storage.numel, t.storage_offset, None if contiguous else t.stride)
+    rec.check_bounds(size)
+    return rec
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -9,14 +9,18 @@ listed file is there with its recorded size before any engine loads it.
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import MISSING, asdict, dataclass, fields
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
 from qwenvl_edge.errors import BundleError
+from qwenvl_edge.runtime.gguf_header import read_gguf_metadata
 from qwenvl_edge.runtime.preprocess import IMAGE_MEAN, IMAGE_STD
+from qwenvl_edge.validate import json_file, plain_name
 
 BUNDLE_FORMAT = "qwenvl-edge-bundle"
 BUNDLE_VERSION = 1
@@ -26,6 +30,18 @@ LLM_FILE = "llm.gguf"
 ENV_BUNDLE = "QWENVL_EDGE_BUNDLE"
 
 SYSTEM_PROMPT = "You are a helpful assistant."
+LLM_ARCH = "qwen"  # llama.cpp's architecture for Qwen-7B: a GGUF of any other one answers wrongly
+SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_ID = 2**31 - 1
+# GGUF key (after "qwen.") -> the manifest's value it must equal: (section, key) in ``model`` or ``source.config``
+GGUF_FACTS = {
+    "embedding_length": ("model", "hidden_size"),
+    "vocab_size": ("model", "vocab_size"),
+    "context_length": ("model", "seq_length"),
+    "block_count": ("config", "num_hidden_layers"),
+    "attention.head_count": ("config", "num_attention_heads"),
+    "feed_forward_length": ("config", "intermediate_size"),
+}
 
 
 @dataclass(frozen=True)
@@ -64,10 +80,45 @@ class ModelInfo:
         return frozenset({self.im_end_id, self.im_start_id, self.eos_token_id})
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
-        fields = cls.__dataclass_fields__
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
-        return cls(**kwargs)
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest model") -> ModelInfo:
+        """Checked: every field of the right type and range (see ``_check_model_field``), ids inside the vocabulary."""
+        if not isinstance(data, dict):
+            raise BundleError(f"{where}: not a JSON object")
+        kwargs = {}
+        for f in fields(cls):
+            if f.name in data:
+                kwargs[f.name] = _check_model_field(f.name, str(f.type), data[f.name], where)
+            elif f.default is MISSING:
+                raise BundleError(f"{where}: missing {f.name}")
+        info = cls(**kwargs)
+        for name in ("image_start_id", "eos_token_id", "im_start_id", "im_end_id", "ref_start_id"):
+            last = getattr(info, name) + (5 if name == "ref_start_id" else 2 if name == "image_start_id" else 0)
+            if last >= info.vocab_size:
+                raise BundleError(f"{where}: {name} {getattr(info, name)} is outside the vocabulary "
+                                  f"({info.vocab_size})")
+        return info
+
+
+def _check_model_field(name: str, kind: str, value: Any, where: str) -> Any:
+    """One ``model`` field: ints (ids >= 0, sizes >= 1), a str, 3 finite floats, top_p in (0, 1]."""
+    bad = f"{where}: {name} {value!r:.40} is not "
+    if kind == "int":
+        low = 0 if name.endswith("_id") or name == "top_k" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_ID:
+            raise BundleError(bad + f"an integer in [{low}, {MAX_ID}]")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise BundleError(bad + "a string")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value <= 1:
+            raise BundleError(bad + "a number in (0, 1]")
+    else:  # the mean/std triples
+        ok = isinstance(value, list | tuple) and len(value) == 3 and all(
+            isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        if not ok or (name == "image_std" and min(value) <= 0):
+            raise BundleError(bad + "three finite numbers" + (" above 0" if name == "image_std" else ""))
+        return tuple(float(v) for v in value)
+    return value
 
 
 def file_entry(path: Path) -> dict[str, Any]:
@@ -115,24 +166,15 @@ class Bundle:
 
     @classmethod
     def open(cls, folder: Path | str | None = None) -> Bundle:
+        """Read and check the manifest, every listed file's size, and the GGUF's facts against the manifest."""
         folder = Path(folder) if folder is not None else default_bundle_dir()
         path = folder / MANIFEST
         if not path.is_file():
             hint = "" if folder.is_dir() else " (no such folder; make one with `qwenvl-edge export` or `demo`)"
             raise BundleError(f"{path}: missing: not a qwenvl-edge bundle{hint}")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-            if manifest.get("format") != BUNDLE_FORMAT:
-                raise BundleError(f"{path}: not a qwenvl-edge manifest")
-            if manifest.get("format_version") != BUNDLE_VERSION:
-                raise BundleError(f"{path}: format_version {manifest.get('format_version')} is not "
-                                  f"{BUNDLE_VERSION}; re-export the bundle")
-            model = ModelInfo.from_dict(manifest["model"])
-            files = manifest["files"]
-            manifest["vision"], manifest["llm"]  # noqa: B018 - required sections
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
-            raise BundleError(f"{path}: corrupt manifest ({type(e).__name__}: {e})") from None
-        bundle = cls(folder, manifest, model)
+        manifest = json_file(path, BundleError, "manifest")
+        bundle = cls(folder, manifest, check_manifest(manifest, str(path)))
+        files = manifest["files"]
         for needed in (bundle.vision_path, bundle.llm_path):
             if needed.name not in files:
                 raise BundleError(f"{path}: lists no {needed.name}")
@@ -143,10 +185,64 @@ class Bundle:
             if part.stat().st_size != entry["bytes"]:
                 raise BundleError(f"{part}: {part.stat().st_size} bytes, manifest says {entry['bytes']}: "
                                   "truncated or from another export")
+        bundle.check_llm_facts()
         return bundle
+
+    def check_llm_facts(self) -> None:
+        """The GGUF must be llama.cpp's ``qwen`` with the manifest's sizes: another model of the same width
+        would load and answer wrongly without a word."""
+        keys = {"general.architecture"} | {f"{LLM_ARCH}.{k}" for k in GGUF_FACTS}
+        meta = read_gguf_metadata(self.llm_path, keys)
+        arch = meta.get("general.architecture")
+        if arch != LLM_ARCH:
+            raise BundleError(f"{self.llm_path}: architecture {arch!r:.40}, expected {LLM_ARCH!r}: not this "
+                              "bundle's language model")
+        source = self.manifest.get("source")
+        config = source.get("config") if isinstance(source, dict) else None
+        sections = {"model": asdict(self.model), "config": config if isinstance(config, dict) else {}}
+        for key, (section, field) in GGUF_FACTS.items():
+            have, want = meta.get(f"{LLM_ARCH}.{key}"), sections[section].get(field)
+            if want is None or (have is None and key == "vocab_size"):  # llama.cpp checks the vocabulary itself
+                continue
+            if have != want:
+                raise BundleError(f"{self.llm_path}: {LLM_ARCH}.{key} is {have}, manifest says {field} {want}: "
+                                  "parts from different exports")
 
     def verify_checksums(self) -> None:
         """Full sha256 check of every file (slow for multi-GB files; ``qwenvl-edge verify``)."""
         for name, entry in self.manifest["files"].items():
             if file_entry(self.folder / name)["sha256"] != entry["sha256"]:
                 raise BundleError(f"{self.folder / name}: checksum differs from the manifest")
+
+
+def _section(manifest: dict, key: str, where: str) -> dict:
+    value = manifest.get(key)
+    if not isinstance(value, dict):
+        raise BundleError(f"{where}: {key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_manifest(manifest: Any, where: str) -> ModelInfo:
+    """Every field the runtime reads, checked once: format, model facts, file names and entries."""
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{where}: not a qwenvl-edge manifest (a JSON {type(manifest).__name__}, not an object)")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{where}: not a qwenvl-edge manifest")
+    version = manifest.get("format_version")
+    if version != BUNDLE_VERSION or isinstance(version, bool):
+        raise BundleError(f"{where}: format_version {version!r:.20} is not {BUNDLE_VERSION}; re-export the bundle")
+    model = ModelInfo.from_dict(_section(manifest, "model", where), f"{where} model")
+    for part in ("vision", "llm"):
+        section = _section(manifest, part, where)
+        if "file" in section:
+            plain_name(section["file"], f"{where} {part}.file", BundleError)
+    for name, entry in _section(manifest, "files", where).items():
+        plain_name(name, f"{where} files", BundleError)
+        if not isinstance(entry, dict):
+            raise BundleError(f"{where}: files.{name} must be a JSON object")
+        size, digest = entry.get("bytes"), entry.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise BundleError(f"{where}: files.{name}.bytes {size!r:.30} is not a byte count")
+        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            raise BundleError(f"{where}: files.{name}.sha256 {digest!r:.30} is not a sha256")
+    return model

@@ -1,16 +1,25 @@
 """Image -> pixel_values exactly as Qwen-VL's transform: bicubic squash to S x S, /255, CLIP mean/std.
 
-Pillow and numpy only. ``load_image`` is where untrusted files are met: it applies the EXIF
-orientation (the original ignored it, so phone photos arrived sideways), refuses decompression
-bombs, and turns every decoding failure into a one-line ``ImageError``.
+Pillow and numpy only. ``read_image`` is where untrusted images are met, whatever the caller passes
+(a path, ``Path``, PIL image, encoded ``bytes``, a binary file object, a uint8 numpy array): each
+input's bytes are read once, hashed (the image-row cache key) and decoded from memory. It applies the
+EXIF orientation (the original ignored it, so phone photos arrived sideways), decodes large JPEGs at a
+reduced DCT scale (memory stays bounded for 108 MP and 200 MP camera photos), scales 16-bit images to
+8 bits (the original clipped them, so they came out almost white), refuses only true decompression
+bombs, and turns every decoding failure into a one-line ``ImageError``. Integers are never taken for
+file descriptors: ``images=[0]`` is refused, it does not read stdin.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
+import os
+import stat
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -21,13 +30,55 @@ IMAGE_SIZE = 448
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageSource = str | Path | Image.Image
+# Pixel limits (width x height as the file declares it). Formats decoded in full: 2**27 (134 MP: every
+# camera photo up to 12000 x 11000, 400 MB as RGB). JPEG is decoded at 1/2 .. 1/8 scale toward 448 above
+# DRAFT_ABOVE, so it may declare up to 2**28 (268 MP: 200 MP phone cameras) and still decodes small.
+MAX_PIXELS = 2**27
+MAX_PIXELS_JPEG = 2**28
+DRAFT_ABOVE = 2**24  # below 16 MP a JPEG is decoded in full, exactly as the original does
+MAX_FILE_BYTES = 2**30
+# Pillow refuses at twice its limit inside Image.open, before we can look: raise its default (89 MP) so our
+# limits above decide. A limit the user set themselves is left alone.
+if Image.MAX_IMAGE_PIXELS == 89478485:
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+ImageSource = str | os.PathLike | Image.Image | bytes | bytearray | memoryview | np.ndarray | io.IOBase
 
 log = logging.getLogger(__name__)
 
 
+class ImageData(NamedTuple):
+    """One image read once: its content key, the decoded upright RGB picture, and its display size."""
+
+    key: str  # sha256 hex of the encoded bytes (files, bytes, file objects) or of mode + size + pixels
+    image: Image.Image  # upright RGB; a large JPEG arrives at a reduced DCT scale (at least 448 per side)
+    size: tuple[int, int]  # (width, height) of the full picture after EXIF rotation: box pixel coordinates
+
+
 def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}".rstrip(": ")
+
+
+def _name(source: Any) -> str:
+    """How messages name an image: its path, else its kind."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        return path if isinstance(path, str) else repr(path)
+    if isinstance(source, Image.Image):
+        return "PIL image"
+    return "numpy array" if isinstance(source, np.ndarray) else type(source).__name__
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale to 8 bits by scaling (Pillow's ``convert`` would clip at 255)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        x = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(x / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        x = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        scale = 255.0 if x.size and x.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(x * scale), 0, 255).astype(np.uint8), "L")
+    return image
 
 
 def _upright_rgb(image: Image.Image, where: str) -> Image.Image:
@@ -35,28 +86,114 @@ def _upright_rgb(image: Image.Image, where: str) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception as e:  # a corrupt EXIF block should not cost the picture
         log.warning("%s: ignoring unreadable EXIF orientation (%s)", where, _one_line(e))
-    return image.convert("RGB")
+    return _to_8bit(image).convert("RGB")
+
+
+def _display_size(image: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    """HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA) uint8 arrays; anything else is refused."""
+    mode = {2: "L", 3: {3: "RGB", 4: "RGBA"}.get(array.shape[-1])}.get(array.ndim)
+    if array.dtype != np.uint8 or mode is None or 0 in array.shape:
+        raise ImageError(f"numpy array of shape {array.shape} and dtype {array.dtype}: expected uint8 "
+                         "HxW, HxWx3 or HxWx4")
+    if array.shape[0] * array.shape[1] > MAX_PIXELS:
+        raise ImageError(f"numpy array of shape {array.shape}: over {MAX_PIXELS} pixels")
+    return Image.fromarray(np.ascontiguousarray(array))  # uint8 HxW, HxWx3, HxWx4: L, RGB, RGBA
+
+
+def _pil_key(image: Image.Image) -> str:
+    digest = hashlib.sha256(f"{image.mode}:{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def _read_bytes(source: Any, where: str) -> bytes:
+    """The encoded bytes of a path, bytes-like or binary file object (read once; a file object is not closed)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        info = os.stat(source)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise ImageError(f"{where}: cannot read image (not a regular file)")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"{where}: file larger than {MAX_FILE_BYTES} bytes: not an image we decode")
+        with open(source, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    else:
+        data = source.read(MAX_FILE_BYTES + 1)
+        if not isinstance(data, bytes):
+            raise ImageError(f"{where}: a file object must be opened in binary mode ('rb')")
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"{where}: file larger than {MAX_FILE_BYTES} bytes: not an image we decode")
+    return data
+
+
+def _decode(data: bytes, where: str) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode encoded image bytes with the pixel limits; returns the loaded picture and its declared size."""
+    with warnings.catch_warnings():
+        # our own limits decide below; decoder notes on damaged files ("Skipping tag ...") are not the user's to act on
+        warnings.simplefilter("ignore")
+        image = Image.open(io.BytesIO(data))
+        size = image.size
+        pixels = size[0] * size[1]
+        limit = MAX_PIXELS_JPEG if image.format == "JPEG" else MAX_PIXELS
+        if pixels > limit:
+            raise Image.DecompressionBombError(f"{size[0]}x{size[1]} = {pixels} pixels, over {limit} "
+                                               f"for {image.format}")
+        if image.format == "JPEG" and pixels > DRAFT_ABOVE:
+            image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # DCT scaling, the smallest of 1/2..1/8 that keeps 448
+        image.load()  # decode now: truncated data fails here, not in the resize
+        return image, size
+
+
+def read_image(source: ImageSource) -> ImageData:
+    """Read ``source`` once: (sha256 key, upright RGB image, display size), or one ``ImageError`` line.
+
+    Accepted: a path (``str`` or ``os.PathLike``), encoded ``bytes``/``bytearray``/``memoryview``, a binary
+    file object (read from its position to the end, never closed), a PIL image, a uint8 numpy array
+    HxW / HxWx3 / HxWx4. Anything else (``None``, ints, text) is refused.
+    """
+    where = _name(source)
+    if source is None or isinstance(source, (bool, int, float, complex, np.generic)):
+        raise ImageError(f"{source!r} is not an image: pass a path, PIL image, bytes, a binary file or a uint8 "
+                         "array (integers are not file descriptors here)")
+    try:
+        if isinstance(source, np.ndarray):
+            source = _array_image(source)
+        if isinstance(source, Image.Image):
+            if source.width * source.height > MAX_PIXELS:
+                raise Image.DecompressionBombError(f"{source.width}x{source.height} pixels exceeds {MAX_PIXELS}")
+            return ImageData(_pil_key(source), _upright_rgb(source, where), _display_size(source, source.size))
+        if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) and not callable(
+                getattr(source, "read", None)):
+            raise ImageError(f"{where}: not an image: pass a path, PIL image, bytes, a binary file or a uint8 array")
+        if isinstance(source, str) and not source:
+            raise ImageError("empty image path")
+        data = _read_bytes(source, where)
+        image, size = _decode(data, where)
+        with image:
+            return ImageData(hashlib.sha256(data).hexdigest(), _upright_rgb(image, where), _display_size(image, size))
+    except ImageError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"{where}: refused as a possible decompression bomb ({_one_line(e)})") from None
+    except OSError as e:
+        detail = e.strerror if e.strerror else _one_line(e)
+        raise ImageError(f"{where}: cannot read image ({detail})") from None
+    except Exception as e:  # decoder errors of hostile bytes (ValueError, struct.error, SyntaxError, ...)
+        raise ImageError(f"{where}: cannot read image ({_one_line(e)})") from None
 
 
 def load_image(source: ImageSource) -> Image.Image:
-    """Decode a file (or take a PIL image), upright per its EXIF orientation, as RGB."""
-    where = "image" if isinstance(source, Image.Image) else str(source)
-    limit = Image.MAX_IMAGE_PIXELS
-    try:
-        if isinstance(source, Image.Image):
-            if limit and source.width * source.height > limit:
-                raise Image.DecompressionBombError(f"{source.width}x{source.height} pixels exceeds {limit}")
-            return _upright_rgb(source, where)
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse both the same way
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                image.load()  # decode now: truncated data fails here, not in the resize
-                return _upright_rgb(image, where)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageError(f"{where}: refused as a possible decompression bomb ({_one_line(e)})") from None
-    except Exception as e:  # OSError (missing, unreadable, not an image, truncated) and decoder errors
-        raise ImageError(f"{where}: cannot read image ({_one_line(e)})") from None
+    """The decoded upright RGB picture of ``source`` (see ``read_image`` for what is accepted)."""
+    return read_image(source).image
 
 
 def preprocess_image(image: Image.Image, image_size: int = IMAGE_SIZE) -> np.ndarray:
@@ -68,7 +205,7 @@ def preprocess_image(image: Image.Image, image_size: int = IMAGE_SIZE) -> np.nda
 
 
 def preprocess_batch(images: Sequence[ImageSource], image_size: int = IMAGE_SIZE) -> np.ndarray:
-    """Paths or PIL images -> float32 [N, 3, S, S], each through ``load_image`` then ``preprocess_image``."""
+    """Images (anything ``read_image`` accepts) -> float32 [N, 3, S, S], each through ``preprocess_image``."""
     out = np.empty((len(images), 3, image_size, image_size), dtype=np.float32)
     for i, source in enumerate(images):
         out[i] = preprocess_image(load_image(source), image_size)

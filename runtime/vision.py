@@ -4,15 +4,21 @@ The session's signature is checked once, at load: input ``pixel_values`` float32
 and output ``image_embeds`` float32 [N, 256, hidden] with S and hidden fixed numbers. A file
 that does not load or has another signature raises ``BundleError`` naming the file, so a broken
 bundle fails before any prompt is processed.
+
+onnxruntime's telemetry is turned off before it is imported: otherwise importing it writes a device
+id and an event database under ``~/.cache/Microsoft/DeveloperTools``. A value the user set is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+import numpy as np  # noqa: E402 - after the telemetry switch, which onnxruntime reads at import
+import onnxruntime as ort  # noqa: E402
 
 from qwenvl_edge.errors import BundleError
 

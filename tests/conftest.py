@@ -1,17 +1,33 @@
 """Shared fixtures: real-format tiny checkpoints built by the project's own ``synth``, and golden data.
 
 Nothing is downloaded: checkpoints are written into pytest's temp folders once per session.
+HOME and XDG_CACHE_HOME point at a temporary folder for the whole session (set when this file is
+imported, before any test module reads them), so no test writes into the user's home or cache.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
+
+TEST_HOME = Path(tempfile.mkdtemp(prefix="qwenvl-edge-test-home-"))
+os.environ["HOME"] = str(TEST_HOME / "home")
+os.environ["XDG_CACHE_HOME"] = str(TEST_HOME / "cache")
+os.environ.pop("QWENVL_EDGE_BUNDLE", None)  # the default bundle folder is the temp home's, never the user's
+(TEST_HOME / "home").mkdir()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
+
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "tiny"
 GOLDEN_IMAGES = GOLDEN_DIR / "images"
