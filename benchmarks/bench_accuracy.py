@@ -38,7 +38,8 @@ def markdown(report: dict, n: int, seed: int, seconds: float) -> str:
                      f"{100 * cand['accuracy']:.1f} % ({cand['right']}/{cand['n']}) | {diff:+.1f} points | "
                      f">= {100 * floor:.0f} %, within 3 points | {'yes' if met else 'no'} |")
     v, d = report["vision"], report["decoder"]
-    lines += ["", f"Stage by stage: INT8 vision rows vs FP32, cosine mean {v['cosine_mean']:.4f} (min "
+    lines += ["", f"Stage by stage, on the first {v['images'] // 3} images per task: INT8 vision rows vs FP32, "
+              f"cosine mean {v['cosine_mean']:.4f} (min "
               f"{v['cosine_min']:.4f}), relative error mean {v['rel_error_mean']:.4f}; Q4_K_M decoder vs F32 on the "
               f"same rows along the float answers ({d['positions']} positions): top-1 agreement "
               f"{100 * d['top1_agreement']:.1f} %, KL mean {d['kl_mean']:.4f} nats (max {d['kl_max']:.4f})."]
@@ -49,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--compare", type=int, default=50, help="images per task for the vision and decoder comparison")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1 is fastest for a model this small)")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
@@ -59,7 +61,8 @@ def main() -> None:
             bundles[name] = export_bundle(ckpt, Path(work) / name, ExportOptions(vision=vision, llm=llm),
                                           progress=lambda _m: None)
         started = time.monotonic()
-        report = evaluate(bundles["default"], synthetic_items(args.n, args.seed), bundles["float"], args.threads)
+        report = evaluate(bundles["default"], synthetic_items(args.n, args.seed), bundles["float"], args.threads,
+                          compare_per_task=args.compare)
         seconds = time.monotonic() - started
     report.update(n_per_task=args.n, seed=args.seed, seconds=round(seconds, 1))
     (args.out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -16,6 +16,7 @@ Images come from the tiny trained model's task generator (``--task synthetic``) 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +146,12 @@ def _accuracy(items: Sequence[Item], answers: Sequence[tuple[str, list[int]]]) -
 
 
 def evaluate(bundle_dir: Path, items: Sequence[Item], reference_dir: Path | None = None,
-             n_threads: int | None = None) -> dict:
-    """The report as a dict (see the module docstring); ``reference_dir`` None gives task accuracy only."""
+             n_threads: int | None = None, compare_per_task: int | None = None) -> dict:
+    """The report as a dict (see the module docstring); ``reference_dir`` None gives task accuracy only.
+
+    ``compare_per_task`` limits the vision and decoder comparison to the first items of each task
+    (accuracy always uses every item).
+    """
     from qwenvl_edge.quant.vision_quality import compare_rows
 
     bundle = Bundle.open(bundle_dir)
@@ -162,9 +167,16 @@ def evaluate(bundle_dir: Path, items: Sequence[Item], reference_dir: Path | None
     ref_answers = task_answers(reference.folder, items, n_threads)
     for t, v in _accuracy(items, ref_answers).items():
         report["tasks"].setdefault(t, {})["reference"] = v
-    ref_rows = encode_rows(reference, items, n_threads)
-    report["vision"] = compare_rows(ref_rows, encode_rows(bundle, items, n_threads))
-    report["decoder"] = compare_decoders(reference, bundle, items, ref_rows, ref_answers, n_threads)
+    limit, seen, keep = compare_per_task or len(items), Counter(), []
+    for i, it in enumerate(items):
+        seen[it.task] += 1
+        if seen[it.task] <= limit:
+            keep.append(i)
+    compared = [items[i] for i in keep]
+    ref_rows = encode_rows(reference, compared, n_threads)
+    report["vision"] = {"images": len(compared), **compare_rows(ref_rows, encode_rows(bundle, compared, n_threads))}
+    report["decoder"] = compare_decoders(reference, bundle, compared, ref_rows, [ref_answers[i] for i in keep],
+                                         n_threads)
     return report
 
 
