@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.process_stats import ProcessStats, run_measured
+from qwenvl_edge.contract import MANIFEST_FILE
 
 
 def synth_checkpoint(folder: Path, preset: str) -> dict:
@@ -37,7 +38,7 @@ def export_bundle(checkpoint: Path, bundle: Path, threads: int | None) -> dict:
     stats = run_measured(cmd)
     if stats.returncode != 0:
         raise RuntimeError(f"export failed: {stats.stderr_lines[-3:]}")
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     offset = _offset(stats, manifest)
     stages = {name: {"wall_s": end - start,
                      "peak_rss_gb": stats.peak_rss_between(start + offset, end + offset) / 1e9}

@@ -1,6 +1,6 @@
 """Prefill and decode on the bundle's GGUF: an image prompt vs plain text of the same length.
 
-Both prompts go through the same ``LlamaRunner`` on the same file and context, so the ratios
+Both prompts go through the same ``Decoder`` on the same file and context, so the ratios
 isolate what the image rows cost. Decode is also compared with the memory-bandwidth bound:
 bytes of weights read per token / measured copy bandwidth.
 Run as its own process: ``python -m benchmarks.bench_llm BUNDLE --json OUT``.
@@ -16,7 +16,7 @@ import numpy as np
 
 from benchmarks.measure_cli import measure_main
 from qwenvl_edge.runtime.bundle import Bundle
-from qwenvl_edge.runtime.llm import LlamaRunner
+from qwenvl_edge.runtime.decoder import Decoder
 from qwenvl_edge.runtime.prompt import ImageRef, PromptBuilder, Turn, n_positions
 
 QUESTION = "Describe this picture in detail, and read any text you can see."
@@ -25,32 +25,24 @@ FILLER = ("The quick brown fox jumps over the lazy dog near the river bank, whil
 DECODE_TOKENS = 32
 
 
-def text_tokens(runner: LlamaRunner, n: int) -> list[int]:
+def text_tokens(runner: Decoder, n: int) -> list[int]:
     """Exactly ``n`` ids of ordinary English text."""
     ids: list[int] = []
     while len(ids) < n:
-        ids += runner.tokenize_plain(FILLER)
+        ids += runner.tokenizer(FILLER)
     return ids[:n]
 
 
-def prefill(runner: LlamaRunner, units: list, rows: np.ndarray) -> float:
-    runner.truncate(0)
+def prefill(runner: Decoder, units: list, rows: np.ndarray) -> float:
+    runner.keep(0)
     started = time.perf_counter()
-    run: list[int] = []
-    for unit in units:
-        if isinstance(unit, ImageRef):
-            runner.eval_tokens(run)
-            run = []
-            runner.eval_embeddings(rows)
-        else:
-            run.append(unit)
-    runner.eval_tokens(run)
+    runner.prefill(units, lambda _ref: rows)
     return time.perf_counter() - started
 
 
-def decode(runner: LlamaRunner, n: int) -> float:
+def decode(runner: Decoder, n: int) -> float:
     """Seconds per token for ``n`` greedy tokens (stop tokens ignored: the rate is what counts)."""
-    sampler = runner.make_sampler(0.0, 1.0)
+    sampler = runner.make_sampler(0.0, 1.0, 0, 0)
     started = time.perf_counter()
     for _ in range(n):
         runner.eval_tokens([runner.sample(sampler)])
@@ -79,9 +71,9 @@ def weight_bytes_per_token(gguf_path: Path) -> int:
 
 def measure(bundle_dir: Path, runs: int, threads: int | None) -> dict:
     bundle = Bundle.open(bundle_dir)
-    runner = LlamaRunner(bundle.llm_path, n_ctx=2048, n_threads=threads)
+    runner = Decoder(bundle.llm_path, n_ctx=2048, n_threads=threads)
     rows = np.random.default_rng(0).standard_normal((bundle.model.n_queries, runner.n_embd)).astype(np.float32)
-    builder = PromptBuilder(bundle.model, runner.tokenize_plain)
+    builder = PromptBuilder(bundle.model, runner.tokenizer)
     image_units = builder.build(Turn(QUESTION, (ImageRef("bench", bundle.model.n_queries),)))
     n = n_positions(image_units)
     text_units = text_tokens(runner, n)

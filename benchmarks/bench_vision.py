@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.measure_cli import measure_main
+from qwenvl_edge.contract import MANIFEST_FILE
 from qwenvl_edge.quant.calibration import generate_images
 from qwenvl_edge.quant.vision_quality import compare_rows
 from qwenvl_edge.runtime.preprocess import preprocess_image
@@ -38,7 +39,7 @@ def time_encoder(path: Path, pixels: list[np.ndarray], runs: int, threads: int |
 
 
 def measure(bundle: Path, runs: int, threads: int | None) -> dict:
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     size = manifest["model"]["image_size"]
     pixels = [preprocess_image(image, size) for image in generate_images(N_IMAGES, seed=IMAGE_SEED)]
     fp32_s, fp32_rows = time_encoder(bundle / manifest["vision"]["fp32_file"], pixels, runs, threads)

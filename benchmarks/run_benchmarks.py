@@ -19,6 +19,7 @@ from pathlib import Path
 
 from benchmarks import bench_export, bench_run
 from benchmarks.report import machine, write_report
+from qwenvl_edge.contract import LLM_FILE, MANIFEST_FILE
 
 HERE = Path(__file__).resolve().parent
 QUESTION = "What is written on the sign? Describe the picture."
@@ -65,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     elif (a.work / f"{a.preset}-checkpoint.json").is_file():
         checkpoint = json.loads((a.work / f"{a.preset}-checkpoint.json").read_text())
     export_json = a.work / f"{a.preset}-export.json"
-    if a.re_export or not (bundle / "manifest.json").is_file():
+    if a.re_export or not (bundle / MANIFEST_FILE).is_file():
         export_json.unlink(missing_ok=True)
     print(f"exporting to {bundle} (cached after the first time)", flush=True)
     export = cached_json(export_json, lambda: bench_export.export_bundle(ckpt, bundle, a.threads))
 
     results: dict = {"preset": a.preset, "runs": a.runs, "machine": machine(), "checkpoint": checkpoint,
                      "export": export, "export_peak_rss_gb": export["peak_rss_gb"],
-                     "gguf_gb": export["files_gb"]["llm.gguf"]}
+                     "gguf_gb": export["files_gb"][LLM_FILE]}
     print("measuring vision (FP32 vs INT8)", flush=True)
     results.update(measure_in_process("bench_vision", bundle, a.runs, a.threads))
     print("measuring prefill and decode (image vs text)", flush=True)

@@ -15,10 +15,10 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+from qwenvl_edge.contract import IMAGE_SIZE, IMAGE_START_ID, N_QUERIES  # N_QUERIES: not in config.json
 from qwenvl_edge.errors import CheckpointError
 from qwenvl_edge.validate import json_file
 
-N_QUERIES = 256  # the adapter's learned queries (16 x 16); not in config.json
 GRID_QUERIES = 16
 MAX_SIZE = 2**24  # no Qwen-VL size comes near this; larger ones are corrupt files, not models
 ZERO_ALLOWED = {"kv_channels", "image_start_id"}  # 0 = "not given" / a plain id
@@ -67,9 +67,9 @@ class VisualConfig:
     heads: int
     output_dim: int
     mlp_ratio: float
-    image_size: int = 448
+    image_size: int = IMAGE_SIZE
     patch_size: int = 14
-    image_start_id: int = 151857
+    image_start_id: int = IMAGE_START_ID
 
     def __post_init__(self) -> None:
         if self.mlp_width < 1:

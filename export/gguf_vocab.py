@@ -20,6 +20,7 @@ from pathlib import Path
 
 import gguf
 
+from qwenvl_edge import contract
 from qwenvl_edge.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,8 @@ TOKENIZER_MODEL = "gpt2"  # byte-level BPE with merges
 TOKENIZER_PRE = "qwen2"  # llama.cpp's name for Qwen's split pattern (the same in Qwen v1)
 
 # The special tokens of Qwen-VL-Chat, in id order, right after the last tiktoken rank.
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    *(f"<|extra_{i}|>" for i in range(205)),
-    "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>",
-)
-ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS[:3]
+SPECIAL_TOKENS: tuple[str, ...] = contract.SPECIAL_TOKENS
+ENDOFTEXT, IM_START, IM_END = contract.ENDOFTEXT, contract.IM_START, contract.IM_END
 PAD_TOKEN_FORMAT = "[PAD{id}]"  # names of the rows past the tokenizer (they never occur in text)
 
 
@@ -75,19 +72,8 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (what llama.cpp's gpt2 vocab decodes).
-
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes map, in byte order, to
-    the code points from U+0100 on, so no token string holds a space or a control character.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    shifted = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
+    """GPT-2's reversible byte -> printable character table (what llama.cpp's gpt2 vocab decodes): gguf's own."""
+    return gguf.vocab.bytes_to_unicode()
 
 
 def last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:

@@ -13,6 +13,7 @@ context length we write.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qwenvl_edge import contract
 from qwenvl_edge.errors import CheckpointError, QwenVLError
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.config import QwenConfig
@@ -132,6 +134,27 @@ def add_hparams(writer: gguf.GGUFWriter, cfg: QwenConfig, out: OutType) -> None:
     writer.add_rope_freq_base(float(cfg.rotary_emb_base))
 
 
+def add_contract(writer: gguf.GGUFWriter, reader: CheckpointReader) -> None:
+    """The ``qwenvl.*`` keys (special ids, image facts, system prompt, generation defaults) and a ChatML
+    ``tokenizer.chat_template``: the native core reads the contract from here, llama.cpp's tools chat with it."""
+    cfg = reader.config
+    gen_path = reader.folder / "generation_config.json"
+    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+    facts = contract.gguf_metadata(
+        image_start_id=cfg.visual.image_start_id, n_queries=cfg.visual.n_queries, image_size=cfg.visual.image_size,
+        top_p=float(gen.get("top_p", contract.TOP_P)), top_k=int(gen.get("top_k", contract.TOP_K)),
+        max_new_tokens=int(gen.get("max_new_tokens", contract.MAX_NEW_TOKENS)),
+        eos_id=int(gen.get("eos_token_id", contract.EOS_ID)))
+    for key, value in facts.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
+    writer.add_chat_template(contract.chat_template(contract.SYSTEM_PROMPT))
+
+
 def _raw_to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return bf16_bits_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32)
 
@@ -191,6 +214,7 @@ def write_llm_gguf(reader: CheckpointReader, out_path: Path, out_type: str = "F1
     try:
         add_hparams(writer, cfg, out)
         add_vocab(writer, vocab)
+        add_contract(writer, reader)
         for t in plan:
             np_dtype = np.float32 if t.ggml_type == gguf.GGMLQuantizationType.F32 else out.numpy_dtype
             writer.add_tensor_info(t.name, t.shape, np.dtype(np_dtype), t.nbytes, raw_dtype=t.ggml_type)

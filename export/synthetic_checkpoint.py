@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwenvl_edge import contract
 from qwenvl_edge.errors import QwenVLError
 from qwenvl_edge.export.config import QwenConfig
 from qwenvl_edge.export.safetensors_io import write_safetensors
@@ -37,8 +38,9 @@ PRESETS: dict[str, dict] = {
 }
 
 GENERATION_CONFIG = {
-    "chat_format": "chatml", "do_sample": True, "eos_token_id": 151643, "max_new_tokens": 512,
-    "max_window_size": 6144, "pad_token_id": 151643, "top_k": 0, "top_p": 0.3,
+    "chat_format": "chatml", "do_sample": True, "eos_token_id": contract.EOS_ID,
+    "max_new_tokens": contract.MAX_NEW_TOKENS, "max_window_size": 6144, "pad_token_id": contract.EOS_ID,
+    "top_k": contract.TOP_K, "top_p": contract.TOP_P,
     "transformers_version": "4.32.0",
 }
 TOKENIZER_CONFIG = {
@@ -80,7 +82,8 @@ def make_config(preset: str, overrides: dict | None = None) -> dict:
         "torch_dtype": "bfloat16",
         "transformers_version": "4.32.0",
         "use_cache": True, "use_dynamic_ntk": True, "use_flash_attn": False, "use_logn_attn": True,
-        "visual": {"heads": p["visual"]["heads"], "image_size": 448, "image_start_id": 151857,
+        "visual": {"heads": p["visual"]["heads"], "image_size": contract.IMAGE_SIZE,
+                   "image_start_id": contract.IMAGE_START_ID,
                    "layers": p["visual"]["layers"], "mlp_ratio": 4.9231, "output_dim": h,
                    "patch_size": 14, "width": p["visual"]["width"]},
         "vocab_size": p.get("vocab_size", 151936),

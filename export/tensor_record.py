@@ -10,9 +10,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from qwenvl_edge.errors import CheckpointError
+
+BF16 = gguf.GGMLQuantizationType.BF16
 
 # stored dtype name -> numpy dtype of the raw elements (bf16 kept as its uint16 bit patterns)
 RAW_DTYPES: dict[str, np.dtype] = {
@@ -23,21 +26,22 @@ RAW_DTYPES: dict[str, np.dtype] = {
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns -> float32, exactly (bf16 is the top half of an f32)."""
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    """bfloat16 bit patterns -> float32, exactly (gguf's BF16 dequantizer: bf16 is the top half of an f32)."""
+    flat = np.ascontiguousarray(bits, dtype=np.uint16).reshape(-1)
+    if flat.size == 0:  # gguf's dequantizer cannot reshape an empty tensor
+        return np.empty(np.shape(bits), dtype=np.float32)
+    return gguf.quants.dequantize(flat.view(np.uint8), BF16).reshape(np.shape(bits))
 
 
 def f32_to_bf16_bits(x: np.ndarray, block: int = 1 << 24) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even, as torch does.
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even as torch and ggml do (gguf's quantizer).
 
-    Works in blocks so a 2.5 GB float32 tensor needs no full-size uint32 temporaries.
+    Works in blocks so a 2.5 GB float32 tensor needs no full-size temporaries.
     """
-    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     out = np.empty(flat.shape, dtype=np.uint16)
     for start in range(0, flat.size, block):
-        u = flat[start:start + block]
-        rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-        out[start:start + block] = rounded >> np.uint32(16)
+        out[start:start + block] = gguf.quants.quantize(flat[start:start + block], BF16).view(np.uint16)
     return out.reshape(np.shape(x))
 
 

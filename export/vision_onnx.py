@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from qwenvl_edge import contract
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.config import VisualConfig
 from qwenvl_edge.export.onnx_builder import GraphBuilder
@@ -33,8 +34,8 @@ from qwenvl_edge.onnx_files import ExternalDataWriter, external_data_path, stage
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "pixel_values"
-OUTPUT_NAME = "image_embeds"
+INPUT_NAME = contract.VISION_INPUT
+OUTPUT_NAME = contract.VISION_OUTPUT
 OPSET = 17  # LayerNormalization is opset 17; ORT's fusions match the opset-13/14 element-wise ops
 MS_DOMAIN = "com.microsoft"
 LN_EPS = 1e-6

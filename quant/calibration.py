@@ -15,6 +15,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from PIL import Image, ImageDraw, ImageFilter
 
+from qwenvl_edge.contract import VISION_INPUT
 from qwenvl_edge.runtime.preprocess import IMAGE_SIZE, ImageSource, load_image, preprocess_image
 
 CALIBRATION_SEED = 0
@@ -122,7 +123,7 @@ class ImageCalibrationReader(CalibrationDataReader):
     """Feeds ``{input_name: [1, 3, S, S]}`` one image at a time, then ``None``."""
 
     def __init__(self, images: Sequence[ImageSource], image_size: int = IMAGE_SIZE,
-                 input_name: str = "pixel_values"):
+                 input_name: str = VISION_INPUT):
         self.input_name = input_name
         self.pixels = preprocess_all(images, image_size)
         self._next = 0

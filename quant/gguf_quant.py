@@ -25,15 +25,29 @@ from qwenvl_edge.errors import QwenVLError
 
 log = logging.getLogger(__name__)
 
-# Names accepted by ``--llm``, and the llama.cpp file type each one asks for.
+# Names accepted by ``--llm``, and the llama.cpp file type each one asks for: every type llama.cpp's
+# quantizer makes without an importance matrix (IQ1_*, IQ2_*, Q2_K_S refuse to run without one; IQ3_*
+# run but are meant for one; TQ1_0/TQ2_0 suit only ternary-trained models; MXFP4 only MoE experts).
 LLM_TYPES: dict[str, gguf.LlamaFileType] = {
-    "Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    "Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M,  # the default: first, so listings start with it
+    "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
+    "Q3_K_S": gguf.LlamaFileType.MOSTLY_Q3_K_S,
+    "Q3_K_M": gguf.LlamaFileType.MOSTLY_Q3_K_M,
+    "Q3_K_L": gguf.LlamaFileType.MOSTLY_Q3_K_L,
     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+    "Q4_K_S": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+    "IQ4_NL": gguf.LlamaFileType.MOSTLY_IQ4_NL,
+    "IQ4_XS": gguf.LlamaFileType.MOSTLY_IQ4_XS,
+    "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+    "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+    "Q5_K_S": gguf.LlamaFileType.MOSTLY_Q5_K_S,
     "Q5_K_M": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+    "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     "F16": gguf.LlamaFileType.MOSTLY_F16,
-    "F32": gguf.LlamaFileType.ALL_F32,
     "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+    "F32": gguf.LlamaFileType.ALL_F32,
 }
 
 # llama.cpp logs one line per tensor: "[   3/  19]   blk.0.attn_qkv.weight - [ 256, 768, ...], type = ..."

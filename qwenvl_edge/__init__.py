@@ -7,14 +7,22 @@ The stages live in their own folders and install as subpackages:
 
 from __future__ import annotations
 
+from qwenvl_edge.errors import QwenVLError
+
 __version__ = "0.1.0"
 
-__all__ = ["QwenVL", "__version__"]
+_LAZY = {  # importing the package must not load llama.cpp or onnxruntime
+    "QwenVL": "qwenvl_edge.runtime.pipeline", "GenerationResult": "qwenvl_edge.runtime.results",
+    "Timings": "qwenvl_edge.runtime.results", "Turn": "qwenvl_edge.runtime.prompt",
+    "ImageRef": "qwenvl_edge.runtime.prompt", "Box": "qwenvl_edge.runtime.boxes",
+}
+
+__all__ = ["QwenVLError", "__version__", *_LAZY]
 
 
-def __getattr__(name: str):  # lazy: importing the package must not load llama.cpp
-    if name == "QwenVL":
-        from qwenvl_edge.runtime.pipeline import QwenVL
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-        return QwenVL
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)

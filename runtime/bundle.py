@@ -17,6 +17,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+from qwenvl_edge import contract
 from qwenvl_edge.errors import BundleError
 from qwenvl_edge.runtime.gguf_header import read_gguf_metadata
 from qwenvl_edge.runtime.preprocess import IMAGE_MEAN, IMAGE_STD
@@ -24,12 +25,10 @@ from qwenvl_edge.validate import json_file, plain_name
 
 BUNDLE_FORMAT = "qwenvl-edge-bundle"
 BUNDLE_VERSION = 1
-MANIFEST = "manifest.json"
-VISION_FILE = "vision.onnx"
-LLM_FILE = "llm.gguf"
+MANIFEST, VISION_FILE, LLM_FILE = contract.MANIFEST_FILE, contract.VISION_FILE, contract.LLM_FILE
 ENV_BUNDLE = "QWENVL_EDGE_BUNDLE"
 
-SYSTEM_PROMPT = "You are a helpful assistant."
+SYSTEM_PROMPT = contract.SYSTEM_PROMPT
 LLM_ARCH = "qwen"  # llama.cpp's architecture for Qwen-7B: a GGUF of any other one answers wrongly
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_ID = 2**31 - 1
@@ -54,10 +53,10 @@ class ModelInfo:
     image_size: int
     n_queries: int
     image_start_id: int  # <img>; </img> and <imgpad> follow it
-    eos_token_id: int = 151643
-    im_start_id: int = 151644
-    im_end_id: int = 151645
-    ref_start_id: int = 151851  # <ref> </ref> <box> </box> <quad> </quad> follow it
+    eos_token_id: int = contract.EOS_ID
+    im_start_id: int = contract.IM_START_ID
+    im_end_id: int = contract.IM_END_ID
+    ref_start_id: int = contract.REF_START_ID  # <ref> </ref> <box> </box> <quad> </quad> follow it
     system_prompt: str = SYSTEM_PROMPT
     image_mean: tuple[float, float, float] = IMAGE_MEAN
     image_std: tuple[float, float, float] = IMAGE_STD

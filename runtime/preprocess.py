@@ -24,11 +24,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
+from qwenvl_edge.contract import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD  # the model contract, re-exported
 from qwenvl_edge.errors import ImageError
-
-IMAGE_SIZE = 448
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Pixel limits (width x height as the file declares it). Formats decoded in full: 2**27 (134 MP: every
 # camera photo up to 12000 x 11000, 400 MB as RGB). JPEG is decoded at 1/2 .. 1/8 scale toward 448 above

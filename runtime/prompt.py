@@ -14,7 +14,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from qwenvl_edge.contract import N_QUERIES
 from qwenvl_edge.errors import PromptError
 from qwenvl_edge.runtime.bundle import ModelInfo
 
@@ -23,10 +25,11 @@ Tokenize = Callable[[str], list[int]]
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image's rows in a prompt; ``key`` identifies the image itself (its content hash)."""
+    """One image in a prompt: ``key`` is its content hash, ``size`` its upright (width, height) in pixels."""
 
     key: str
-    n_rows: int = 256
+    n_rows: int = N_QUERIES
+    size: tuple[int, int] = (0, 0)
 
 
 Unit = int | ImageRef
@@ -35,10 +38,14 @@ Piece = int | str | ImageRef
 
 @dataclass(frozen=True)
 class Turn:
-    """One exchange: the user's question, its images, and the answer (None for the open turn)."""
+    """One exchange of a conversation: the user's question, its images and the answer (None: the open turn).
+
+    ``images`` are anything ``QwenVL`` takes as an image (paths, PIL images, bytes, arrays) or the
+    ``ImageRef``s of a ``GenerationResult``; the prompt builder sees only ``ImageRef``s.
+    """
 
     question: str
-    images: tuple[ImageRef, ...] = ()
+    images: tuple[Any, ...] = ()
     answer: str | None = None
 
 

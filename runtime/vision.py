@@ -20,11 +20,10 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import numpy as np  # noqa: E402 - after the telemetry switch, which onnxruntime reads at import
 import onnxruntime as ort  # noqa: E402
 
+from qwenvl_edge.contract import N_QUERIES  # noqa: E402
+from qwenvl_edge.contract import VISION_INPUT as INPUT_NAME  # noqa: E402
+from qwenvl_edge.contract import VISION_OUTPUT as OUTPUT_NAME  # noqa: E402
 from qwenvl_edge.errors import BundleError
-
-INPUT_NAME = "pixel_values"
-OUTPUT_NAME = "image_embeds"
-N_QUERIES = 256
 
 
 def _session_options(n_threads: int | None) -> ort.SessionOptions:

@@ -13,6 +13,7 @@ from pathlib import Path
 import onnxruntime
 import pytest
 
+from qwenvl_edge import contract
 from qwenvl_edge.runtime.bundle import LLM_FILE, VISION_FILE, ModelInfo, make_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,8 @@ CMAKE = ROOT / "CMakeLists.txt"
 NATIVE_METHODS = {
     "open": "long open(String ggufPath, int nCtx, int nThreads)",
     "close": "void close(long handle)",
-    "preprocess": "float[] preprocess(byte[] pixels, int width, int height, int channels, int imageSize)",
+    "preprocess": ("float[] preprocess(byte[] pixels, int width, int height, int channels, int imageSize, "
+                   "float[] mean, float[] std)"),
     "generate": ("String generate(long handle, float[][] imageRows, String question, int maxTokens, "
                  "float temperature, float topP, TokenCallback callback)"),
     "resetChat": "void resetChat(long handle)",
@@ -87,7 +89,7 @@ def test_manifest_keys_the_app_reads_are_written_by_the_exporter(tmp_path: Path)
     for name in ("vision.onnx", "llm.gguf"):
         (tmp_path / name).write_bytes(b"x" * 10)
     info = ModelInfo(hidden_size=4096, vocab_size=151936, seq_length=2048, image_size=448, n_queries=256,
-                     image_start_id=151857)
+                     image_start_id=contract.IMAGE_START_ID)
     manifest = make_manifest(tmp_path, info, {"precision": "int8"}, {"type": "Q4_K_M"}, {}, "test")
     source = (KOTLIN / "BundleStore.kt").read_text()
     model_keys = set(re.findall(r'model\.(?:get|opt)\w*\("(\w+)"', source))

@@ -24,8 +24,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_llm_types_are_llama_cpp_file_types() -> None:
     """Each --llm name asks llama.cpp for the file type of that name (not a neighbour's number)."""
-    llama_names = {"Q4_K_M": "Q4_K - Medium", "Q4_0": "Q4_0", "Q5_K_M": "Q5_K - Medium", "Q8_0": "Q8_0",
-                   "F16": "F16", "F32": "all F32", "BF16": "BF16"}
+    llama_names = {"Q4_K_M": "Q4_K - Medium", "Q2_K": "Q2_K - Medium", "Q3_K_S": "Q3_K - Small",
+                   "Q3_K_M": "Q3_K - Medium", "Q3_K_L": "Q3_K - Large", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
+                   "Q4_K_S": "Q4_K - Small", "IQ4_NL": "IQ4_NL - 4.5 bpw", "IQ4_XS": "IQ4_XS - 4.25 bpw",
+                   "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q5_K_S": "Q5_K - Small", "Q5_K_M": "Q5_K - Medium",
+                   "Q6_K": "Q6_K", "Q8_0": "Q8_0", "F16": "F16", "BF16": "BF16", "F32": "all F32"}
     assert {name: llama_cpp.llama_ftype_name(int(t)).decode() for name, t in LLM_TYPES.items()} == llama_names
 
 
@@ -91,7 +94,8 @@ def test_k_quant_falls_back_for_rows_not_divisible_by_256(tmp_path_factory, odd_
 
 
 def test_unknown_type_lists_the_accepted_names(tmp_path: Path) -> None:
-    accepted = "Q4_K_M, Q4_0, Q5_K_M, Q8_0, F16, F32, BF16"
+    accepted = ("Q4_K_M, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, IQ4_NL, IQ4_XS, Q5_0, Q5_1, Q5_K_S, "
+                "Q5_K_M, Q6_K, Q8_0, F16, BF16, F32")
     with pytest.raises(QwenVLError, match=rf"unknown LLM type 'Q3_X'; choose {accepted}$"):
         quantize_gguf(tmp_path / "in.gguf", tmp_path / "out.gguf", "Q3_X")
     assert list(tmp_path.iterdir()) == []

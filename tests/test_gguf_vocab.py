@@ -15,6 +15,7 @@ import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from qwenvl_edge import contract
 from qwenvl_edge.errors import CheckpointError
 from qwenvl_edge.export.gguf_vocab import (
     SPECIAL_TOKENS,
@@ -30,9 +31,8 @@ from tests.text_corpus import CORPUS
 
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # from the spec
-SPEC_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|extra_0|>": 151646,
-                    "<|extra_204|>": 151850, "<ref>": 151851, "</ref>": 151852, "<box>": 151853, "</box>": 151854,
-                    "<quad>": 151855, "</quad>": 151856, "<img>": 151857, "</img>": 151858, "<imgpad>": 151859}
+# the contract's ids (tests/test_contract.py checks them against the SPEC)
+SPEC_SPECIAL_IDS = {text: contract.EOS_ID + i for i, text in enumerate(contract.SPECIAL_TOKENS)}
 VOCAB_SIZE = 151936
 
 
@@ -80,7 +80,7 @@ def test_special_tokens_have_the_spec_ids_and_types(vocab) -> None:
     assert len(vocab.tokens) == len(vocab.token_types) == VOCAB_SIZE
     assert vocab.tokens[151860] == "[PAD151860]" and vocab.tokens[-1] == f"[PAD{VOCAB_SIZE - 1}]"
     assert set(vocab.token_types[151860:]) == {gguf.TokenType.UNUSED}
-    assert set(vocab.token_types[:151643]) == {gguf.TokenType.NORMAL}
+    assert set(vocab.token_types[:contract.EOS_ID]) == {gguf.TokenType.NORMAL}
 
 
 def test_each_merge_joins_two_lower_ranked_tokens_into_the_next_token(vocab, tiktoken_path: Path) -> None:
@@ -163,10 +163,10 @@ def test_every_vocabulary_token_round_trips(llama_vocab, reference) -> None:
 @pytest.mark.parametrize("text", list(SPEC_SPECIAL_IDS) + ["<|extra_3|>", "<|extra_100|>"])
 def test_special_token_text_is_one_id_only_when_special(text: str, llama_vocab) -> None:
     """With special=True a special token's text is its id; with special=False it stays plain text."""
-    token_id = SPEC_SPECIAL_IDS[text] if text in SPEC_SPECIAL_IDS else 151646 + int(text[8:-2])
+    token_id = SPEC_SPECIAL_IDS[text] if text in SPEC_SPECIAL_IDS else contract.IM_END_ID + 1 + int(text[8:-2])
     assert llama_ids(llama_vocab, text, special=True) == [token_id]
     plain = llama_ids(llama_vocab, text)
-    assert len(plain) > 1 and max(plain) < 151643
+    assert len(plain) > 1 and max(plain) < contract.EOS_ID
     assert token_piece(llama_vocab, token_id, special=True) == text.encode()
 
 
@@ -174,8 +174,8 @@ def test_end_of_generation_tokens(llama_vocab) -> None:
     """llama.cpp must stop at <|im_end|> and <|endoftext|>; it never adds a BOS to Qwen prompts."""
     v = llama_cpp.llama_model_get_vocab(llama_vocab.model)
     assert llama_cpp.llama_vocab_n_tokens(v) == VOCAB_SIZE
-    assert llama_cpp.llama_vocab_eos(v) == 151643 and llama_cpp.llama_vocab_eot(v) == 151645
-    assert llama_cpp.llama_vocab_is_eog(v, 151645) and llama_cpp.llama_vocab_is_eog(v, 151643)
-    assert not llama_cpp.llama_vocab_is_eog(v, 151644)
+    assert llama_cpp.llama_vocab_eos(v) == contract.EOS_ID and llama_cpp.llama_vocab_eot(v) == contract.IM_END_ID
+    assert llama_cpp.llama_vocab_is_eog(v, contract.IM_END_ID) and llama_cpp.llama_vocab_is_eog(v, contract.EOS_ID)
+    assert not llama_cpp.llama_vocab_is_eog(v, contract.IM_START_ID)
     assert not llama_cpp.llama_vocab_get_add_bos(v)
     assert llama_ids(llama_vocab, "Hello") == [9707]

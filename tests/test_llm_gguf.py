@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
+from qwenvl_edge import contract
 from qwenvl_edge.errors import CheckpointError, QwenVLError
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.llm_gguf import convert_tensor, expected_gguf_names, write_llm_gguf
@@ -25,7 +26,8 @@ from tests.gguf_builds import float_gguf, greedy, load_llama, read_gguf_metadata
 GOLDEN_CASE = "text_only"
 TOL_F32_CACHE = 2e-3  # F32 weights and F32 K/V cache: only summation order differs from the original
 TOL_F16_CACHE = 0.03  # llama.cpp's default F16 K/V cache ("a few hundredths" in golden/README.md)
-ODD_TOKENS = [9707, 0, 10479, 525, 498, 30, 198, 151644, 872, 198, 108386, 3837, 99489, 1773, 151645, 77091]
+ODD_TOKENS = [9707, 0, 10479, 525, 498, 30, 198, contract.IM_START_ID, 872, 198, 108386, 3837, 99489, 1773,
+              contract.IM_END_ID, 77091]
 
 
 @pytest.fixture(scope="session")

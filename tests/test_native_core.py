@@ -16,6 +16,7 @@ The tiny GGUF is the project's own export (``write_llm_gguf``, F32) of the golde
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import subprocess
@@ -27,15 +28,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwenvl_edge import contract
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.llm_gguf import write_llm_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_ROOT = REPO / "native-build"
-IMAGE_ROWS = 256
+IMAGE_ROWS = contract.N_QUERIES
+PROMPT_FIXTURE = REPO / "tests" / "data" / "multi_turn_prompt.json"
 IMAGE_POSITION = -1
 GREEDY_CASES = ["one_image", "two_images", "text_only", "grounding"]  # golden/README: ids identical in F32
-STOP_IDS = {151643, 151644, 151645}
+STOP_IDS = {contract.EOS_ID, contract.IM_START_ID, contract.IM_END_ID}
 BUILD_TIMEOUT = 900  # seconds; a first configure may download the llama.cpp headers (~80 s)
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ctest") is None,
@@ -88,6 +91,15 @@ def write_test_data(folder: Path, golden, gguf: Path, n_embd: int) -> Path:
             rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
         rgb.tofile(folder / f"{name}.rgb")
         lines += [f"rgb {name} {rgb.shape[1]} {rgb.shape[0]}", f"image_size {pixels.shape[-1]}"]
+    lines += ["image_mean " + " ".join(map(repr, contract.IMAGE_MEAN)),
+              "image_std " + " ".join(map(repr, contract.IMAGE_STD))]
+    fixture = json.loads(PROMPT_FIXTURE.read_text(encoding="utf-8"))  # also checked by tests/test_contract.py
+    for turn in fixture["history"]:
+        lines.append(f"fixture_turn {len(turn['images'])} {turn['question'].encode().hex()} "
+                     f"{turn['answer'].encode().hex() or '-'}")
+    question = fixture["question"]
+    lines += [f"fixture_question {len(question['images'])} {question['question'].encode().hex()}",
+              "fixture_ids " + " ".join(map(str, fixture["ids"]))]
     for case in golden.cases.values():
         lines += [f"case {case['name']}",
                   "images " + " ".join(case["images"]),
@@ -143,7 +155,11 @@ class Result(ctypes.Structure):
 
 class Info(ctypes.Structure):
     _fields_ = [("n_embd", ctypes.c_int32), ("n_ctx", ctypes.c_int32), ("n_batch", ctypes.c_int32),
-                ("n_vocab", ctypes.c_int32), ("n_past", ctypes.c_int32), ("n_turns", ctypes.c_int32)]
+                ("n_vocab", ctypes.c_int32), ("n_past", ctypes.c_int32), ("n_turns", ctypes.c_int32),
+                ("n_image_rows", ctypes.c_int32), ("image_size", ctypes.c_int32), ("image_mean", ctypes.c_float * 3),
+                ("image_std", ctypes.c_float * 3), ("eos_id", ctypes.c_int32), ("im_start_id", ctypes.c_int32),
+                ("im_end_id", ctypes.c_int32), ("ref_start_id", ctypes.c_int32), ("image_start_id", ctypes.c_int32),
+                ("image_end_id", ctypes.c_int32)]
 
 
 TOKEN_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p)

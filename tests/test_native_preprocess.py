@@ -20,6 +20,7 @@ import PIL
 import pytest
 from PIL import Image
 
+from qwenvl_edge import contract
 from qwenvl_edge.runtime.preprocess import preprocess_image
 
 NATIVE = Path(__file__).resolve().parents[1] / "native"
@@ -43,6 +44,10 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
         pytest.skip("no g++ on this machine to build native/src/image_preprocess.cpp")
     return _build(gxx, tmp_path_factory.mktemp("native_preprocess"))
 
+# the model's normalisation, as the core passes it on from the GGUF's qwenvl.image_mean / image_std
+MEAN = (ctypes.c_float * 3)(*contract.IMAGE_MEAN)
+STD = (ctypes.c_float * 3)(*contract.IMAGE_STD)
+
 
 def _build(gxx: str, folder: Path) -> ctypes.CDLL:
     out = folder / "libqwenvl_preprocess.so"
@@ -51,7 +56,8 @@ def _build(gxx: str, folder: Path) -> ctypes.CDLL:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"g++ failed on {SOURCE}:\n{proc.stderr}"
     lib = ctypes.CDLL(str(out))
-    lib.qwenvl_preprocess_image.argtypes = [_u8p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _f32p]
+    lib.qwenvl_preprocess_image.argtypes = [_u8p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _f32p, _f32p,
+                                            _f32p]
     lib.qwenvl_preprocess_image.restype = ctypes.c_int
     lib.qwenvl_resize_bicubic_u8.argtypes = [_u8p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                              ctypes.c_int, ctypes.c_int, _u8p]
@@ -82,7 +88,7 @@ def native_preprocess(lib: ctypes.CDLL, pixels: np.ndarray, image_size: int) -> 
     h, w, c = pixels.shape
     src = np.ascontiguousarray(pixels)
     out = np.empty((3, image_size, image_size), dtype=np.float32)
-    rc = lib.qwenvl_preprocess_image(_u8(src), w, h, c, image_size, out.ctypes.data_as(_f32p))
+    rc = lib.qwenvl_preprocess_image(_u8(src), w, h, c, image_size, MEAN, STD, out.ctypes.data_as(_f32p))
     assert rc == OK, lib.qwenvl_preprocess_error_string(rc).decode()
     return out
 
@@ -227,7 +233,7 @@ def test_bad_input_returns_error_code(native, what, w, h, channels, image_size, 
     side = max(1, min(image_size, 8))
     out = np.full((3, side, side), 7.0, dtype=np.float32)
     out_ptr = None if null_out else out.ctypes.data_as(_f32p)
-    assert native.qwenvl_preprocess_image(_u8(pixels), w, h, channels, image_size, out_ptr) == code, what
+    assert native.qwenvl_preprocess_image(_u8(pixels), w, h, channels, image_size, MEAN, STD, out_ptr) == code, what
     assert (out == 7.0).all(), "output written although the input was refused"
     resized = np.full(side * side * 3, 9, dtype=np.uint8)
     out_u8 = None if null_out else _u8(resized)

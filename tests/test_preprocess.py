@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwenvl_edge import contract
 from qwenvl_edge.errors import ImageError
 from qwenvl_edge.runtime.preprocess import load_image, preprocess_batch, preprocess_image
 
@@ -54,7 +55,7 @@ def test_other_image_size_and_modes() -> None:
     gray = Image.new("L", (30, 20), 255)
     pixels = preprocess_image(load_image(gray), image_size=224)
     assert pixels.shape == (3, 224, 224)
-    white = (1.0 - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array([0.26862954, 0.26130258, 0.27577711])
+    white = (1.0 - np.array(contract.IMAGE_MEAN)) / np.array(contract.IMAGE_STD)
     np.testing.assert_allclose(pixels[:, 100, 100], white, rtol=1e-6)
 
 

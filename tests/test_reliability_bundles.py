@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
+from qwenvl_edge import contract
 from qwenvl_edge.errors import BundleError
 from qwenvl_edge.runtime.bundle import Bundle, ModelInfo, file_entry, make_manifest
 from qwenvl_edge.runtime.gguf_header import read_gguf_metadata
@@ -43,7 +44,7 @@ def make_bundle(folder: Path, arch: str = "qwen", **changes: int) -> Path:
     (folder / "vision.onnx").write_bytes(b"onnx bytes are not read by Bundle.open")
     write_gguf(folder / "llm.gguf", arch, **changes)
     info = ModelInfo(hidden_size=256, vocab_size=151936, seq_length=2048, image_size=448, n_queries=256,
-                     image_start_id=151857)
+                     image_start_id=contract.IMAGE_START_ID)
     manifest = make_manifest(folder, info, {"precision": "fp32"}, {"type": "F32"}, {"config": CONFIG}, "test")
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder

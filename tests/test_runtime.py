@@ -28,8 +28,8 @@ def model(f32_bundle: Path):
 def test_second_chat_turn_prefills_only_new_tokens(f32_bundle: Path, golden) -> None:
     with QwenVL(f32_bundle, n_threads=2, cache_dir=None) as m:
         first = m.chat("What is written on the sign?", [golden.images["sign"]], max_tokens=6, temperature=0.0)
-        in_context = m.llm.n_past
-        evaluated_before = m.llm.n_evaluated
+        in_context = m.session.decoder().n_past
+        evaluated_before = m.session.decoder().n_evaluated
         second = m.chat("And what colour is it?", max_tokens=4, temperature=0.0)
         units = m.build_prompt([], "And what colour is it?", m.history[:-1])
         # everything of turn one stays: only what follows the first answer is evaluated again
@@ -37,7 +37,7 @@ def test_second_chat_turn_prefills_only_new_tokens(f32_bundle: Path, golden) -> 
         assert second.timings.images_encoded == 0 and second.timings.images_from_cache == 0
         new_positions = n_positions(units) - second.timings.reused_positions
         assert second.timings.prefill_positions == new_positions
-        assert m.llm.n_evaluated - evaluated_before == new_positions + second.timings.decode_tokens - 1
+        assert m.session.decoder().n_evaluated - evaluated_before == new_positions + second.timings.decode_tokens - 1
         assert first.timings.images_encoded == 1
 
 
@@ -63,7 +63,7 @@ def test_image_rows_cache_skips_the_encoder(f32_bundle: Path, golden, tmp_path: 
         result = m.generate([golden.images["sign"]], "What is written on the sign?", max_tokens=2,
                             temperature=0.0)
         assert result.timings.images_from_cache == 1 and result.timings.images_encoded == 0
-        assert m._vision is None  # the ONNX session was never opened
+        assert not m.session.encoder.is_open  # the ONNX session was never opened
 
 
 # --- boxes --------------------------------------------------------------------------------------
@@ -207,10 +207,10 @@ def test_chat_command_keeps_the_conversation(f32_bundle: Path, golden, capsys, m
 def test_old_turns_are_dropped_to_fit(f32_bundle: Path, golden) -> None:
     from qwenvl_edge.runtime.prompt import ImageRef, Turn
 
-    with QwenVL(f32_bundle, n_threads=2, n_ctx=700, cache_dir=None) as m:
+    with QwenVL(f32_bundle, n_threads=2, n_ctx=768, cache_dir=None) as m:
         old = Turn("What is written on the sign?", (ImageRef("a"),), "a sign")
         newer = Turn("And this one?", (ImageRef("b"),), "noise")
         units = m.build_prompt([golden.images["sign"]], "Compare.", [old, newer])
         keys = [u.key for u in units if isinstance(u, ImageRef)]
         assert len(keys) == 2 and keys[0] == "b"  # the oldest turn went first, the newest stayed
-        assert n_positions(units) <= 700
+        assert n_positions(units) <= 768

@@ -4,7 +4,7 @@
  * This is what the Python runtime does on the llama.cpp side, for apps without Python (Android):
  *   - open a Qwen-VL decoder GGUF (written by `qwenvl-edge export`) into a llama.cpp context;
  *   - build the Qwen-VL chat prompt (SPEC "Chat format"):
- *       <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n
+ *       <|im_start|>system\nSYSTEM PROMPT (qwenvl.system_prompt)<|im_end|>\n
  *       <|im_start|>user\nPicture 1: <img>[256 image rows]</img>\nQUESTION<|im_end|>\n
  *       <|im_start|>assistant\n
  *     In the question only the grounding tags <ref> </ref> <box> </box> <quad> </quad> are special
@@ -44,15 +44,9 @@ extern "C" {
 #define QWENVL_API __attribute__((visibility("default")))
 #endif
 
-#define QWENVL_IMAGE_ROWS 256 /* image rows (adapter queries) per image: positions between <img> and </img> */
-
-/* Special token ids of the Qwen-VL vocabulary (SPEC "How the image enters the LLM"). */
-#define QWENVL_TOKEN_ENDOFTEXT 151643
-#define QWENVL_TOKEN_IM_START 151644
-#define QWENVL_TOKEN_IM_END 151645
-#define QWENVL_TOKEN_REF_START 151851 /* <ref>; </ref> <box> </box> <quad> </quad> follow */
-#define QWENVL_TOKEN_IMG_START 151857
-#define QWENVL_TOKEN_IMG_END 151858
+/* The model's facts (special ids, rows per image, image size, mean/std, system prompt) are not
+ * compiled in: the core reads them from the GGUF's qwenvl.* metadata (qwenvl_edge/contract.py writes
+ * them) and qwenvl_get_info reports them. */
 #define QWENVL_IMAGE_POSITION (-1) /* qwenvl_prompt_tokens: a position that holds an image row */
 
 typedef enum qwenvl_status {
@@ -90,7 +84,7 @@ typedef struct qwenvl_generate_params {
 } qwenvl_generate_params;
 
 /* The image rows of one image: the vision encoder + adapter output, float32 [n_rows, n_embd]
- * row-major. n_rows must be QWENVL_IMAGE_ROWS and n_embd the model's embedding size. */
+ * row-major. n_rows must be qwenvl_info.n_image_rows and n_embd the model's embedding size. */
 typedef struct qwenvl_image {
     const float* rows;
     int32_t n_rows;
@@ -143,6 +137,17 @@ typedef struct qwenvl_info {
     int32_t n_vocab;
     int32_t n_past;  /* positions in the KV cache now */
     int32_t n_turns; /* finished turns kept in the chat */
+    /* the model contract, from the GGUF's qwenvl.* keys */
+    int32_t n_image_rows;   /* rows (positions) per image: qwenvl.n_queries */
+    int32_t image_size;     /* the vision input side S */
+    float image_mean[3];    /* CLIP mean/std for qwenvl_preprocess_image */
+    float image_std[3];
+    int32_t eos_id;         /* <|endoftext|> */
+    int32_t im_start_id;    /* <|im_start|> */
+    int32_t im_end_id;      /* <|im_end|> */
+    int32_t ref_start_id;   /* <ref>; </ref> <box> </box> <quad> </quad> follow */
+    int32_t image_start_id; /* <img> */
+    int32_t image_end_id;   /* </img> */
 } qwenvl_info;
 
 QWENVL_API int qwenvl_get_info(const qwenvl_session* session, qwenvl_info* out_info);
@@ -166,6 +171,12 @@ QWENVL_API int qwenvl_prompt_tokens(const qwenvl_session* session, int32_t n_ima
 QWENVL_API int qwenvl_generate(qwenvl_session* session, const qwenvl_image* images, int32_t n_images,
                                const char* question, const qwenvl_generate_params* params,
                                qwenvl_token_callback callback, void* user_data, qwenvl_result* out_result);
+
+/* Append a finished turn (question, its images, the answer) to the chat without generating: a saved
+ * conversation is resumed this way. Nothing is decoded now; the next qwenvl_generate decodes what the
+ * KV cache does not hold. Same checks as qwenvl_generate; answer must be valid UTF-8. */
+QWENVL_API int qwenvl_add_turn(qwenvl_session* session, const qwenvl_image* images, int32_t n_images,
+                               const char* question, const char* answer);
 
 /* Forget the chat: clear the KV cache and the turns (and the image rows they kept). */
 QWENVL_API int qwenvl_reset(qwenvl_session* session);

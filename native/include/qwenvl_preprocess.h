@@ -32,6 +32,7 @@ extern "C" {
 #define QWENVL_PREPROCESS_ERR_CHANNELS (-3)    /* channels is not 3 (RGB) or 4 (RGBA) */
 #define QWENVL_PREPROCESS_ERR_TOO_LARGE (-4)   /* a size is over the limits below */
 #define QWENVL_PREPROCESS_ERR_NO_MEMORY (-5)   /* a work buffer could not be allocated */
+#define QWENVL_PREPROCESS_ERR_NORM (-6)        /* mean/std not finite, or a std not above 0 */
 
 /* Limits: larger inputs are rejected with QWENVL_PREPROCESS_ERR_TOO_LARGE. */
 #define QWENVL_PREPROCESS_MAX_SIDE 65535           /* input width or height */
@@ -42,12 +43,14 @@ extern "C" {
  * Preprocess one image for the vision encoder.
  *   pixels:     row-major HWC, 8 bits per channel, `channels` 3 (RGB) or 4 (RGBA, alpha ignored),
  *               rows packed (stride width * channels bytes).
- *   image_size: the model's input side S (manifest.json model.image_size, 448 for Qwen-VL).
- *   out:        float32 [3, S, S] (channel-major), normalised with the CLIP mean/std.
+ *   image_size: the model's input side S (qwenvl_info.image_size, from the GGUF's qwenvl.image_size).
+ *   mean, std:  three floats each, the model's normalisation (qwenvl_info.image_mean / image_std).
+ *   out:        float32 [3, S, S] (channel-major), (x / 255 - mean) / std per channel.
  * Returns QWENVL_PREPROCESS_OK or a negative QWENVL_PREPROCESS_ERR_* code (out untouched then).
  */
 QWENVL_PREPROCESS_API int qwenvl_preprocess_image(const unsigned char* pixels, int width, int height,
-                                                  int channels, int image_size, float* out);
+                                                  int channels, int image_size, const float* mean,
+                                                  const float* std, float* out);
 
 /*
  * The uint8 stage alone: Pillow's image.convert("RGB").resize((out_width, out_height), BICUBIC).

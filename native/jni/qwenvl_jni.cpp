@@ -182,7 +182,8 @@ JNIEXPORT void JNICALL Java_ai_qwenvledge_QwenVLNative_close(JNIEnv*, jclass, jl
 
 JNIEXPORT jfloatArray JNICALL Java_ai_qwenvledge_QwenVLNative_preprocess(JNIEnv* env, jclass, jbyteArray pixels,
                                                                            jint width, jint height, jint channels,
-                                                                           jint image_size) {
+                                                                           jint image_size, jfloatArray mean,
+                                                                           jfloatArray std) {
 #ifdef QWENVL_HAVE_PREPROCESS
     if (pixels == nullptr) {
         throw_java(env, g_java.illegal_argument, "pixels is null");
@@ -197,6 +198,13 @@ JNIEXPORT jfloatArray JNICALL Java_ai_qwenvledge_QwenVLNative_preprocess(JNIEnv*
                        std::to_string(QWENVL_PREPROCESS_MAX_OUTPUT_SIDE) + ")");
         return nullptr;
     }
+    if (mean == nullptr || std == nullptr || env->GetArrayLength(mean) != 3 || env->GetArrayLength(std) != 3) {
+        throw_java(env, g_java.illegal_argument, "preprocess: mean and std must be 3 floats each (the model's)");
+        return nullptr;
+    }
+    float norm_mean[3], norm_std[3];
+    env->GetFloatArrayRegion(mean, 0, 3, norm_mean);
+    env->GetFloatArrayRegion(std, 0, 3, norm_std);
     const int64_t needed = static_cast<int64_t>(width) * height * channels;
     const jsize given = env->GetArrayLength(pixels);
     if (needed != given) {
@@ -210,7 +218,7 @@ JNIEXPORT jfloatArray JNICALL Java_ai_qwenvledge_QwenVLNative_preprocess(JNIEnv*
     jbyte* bytes = env->GetByteArrayElements(pixels, nullptr);
     if (bytes == nullptr) return nullptr;
     const int rc = qwenvl_preprocess_image(reinterpret_cast<const unsigned char*>(bytes), width, height, channels,
-                                           image_size, out.data());
+                                           image_size, norm_mean, norm_std, out.data());
     env->ReleaseByteArrayElements(pixels, bytes, JNI_ABORT);
     if (rc != QWENVL_PREPROCESS_OK) {
         throw_java(env, g_java.illegal_argument, std::string("preprocess: ") + qwenvl_preprocess_error_string(rc));
@@ -221,7 +229,7 @@ JNIEXPORT jfloatArray JNICALL Java_ai_qwenvledge_QwenVLNative_preprocess(JNIEnv*
     env->SetFloatArrayRegion(result, 0, static_cast<jsize>(n_out), out.data());
     return result;
 #else
-    (void)pixels; (void)width; (void)height; (void)channels; (void)image_size;
+    (void)pixels; (void)width; (void)height; (void)channels; (void)image_size; (void)mean; (void)std;
     throw_java(env, g_java.unsupported, "preprocess: libqwenvl_core was built without image_preprocess.cpp");
     return nullptr;
 #endif
@@ -246,9 +254,9 @@ JNIEXPORT jstring JNICALL Java_ai_qwenvledge_QwenVLNative_generate(JNIEnv* env, 
         return nullptr;
     }
 
-    // Copy each image's rows out of the JVM heap: [256 * n_embd] floats per image.
+    // Copy each image's rows out of the JVM heap: [n_image_rows * n_embd] floats per image.
     const jsize n_images = image_rows ? env->GetArrayLength(image_rows) : 0;
-    const int64_t per_image = static_cast<int64_t>(QWENVL_IMAGE_ROWS) * info.n_embd;
+    const int64_t per_image = static_cast<int64_t>(info.n_image_rows) * info.n_embd;
     std::vector<std::vector<float>> rows(static_cast<size_t>(n_images));
     std::vector<qwenvl_image> images(static_cast<size_t>(n_images));
     for (jsize i = 0; i < n_images; ++i) {
@@ -258,7 +266,7 @@ JNIEXPORT jstring JNICALL Java_ai_qwenvledge_QwenVLNative_generate(JNIEnv* env, 
         if (array == nullptr || n != per_image) {
             throw_java(env, g_java.illegal_argument,
                        "imageRows[" + std::to_string(i) + "] has " + (array ? std::to_string(n) : "null") +
-                           " floats, expected " + std::to_string(QWENVL_IMAGE_ROWS) + " rows x " +
+                           " floats, expected " + std::to_string(info.n_image_rows) + " rows x " +
                            std::to_string(info.n_embd) + " = " + std::to_string(per_image));
             if (array) env->DeleteLocalRef(array);
             return nullptr;
@@ -266,7 +274,7 @@ JNIEXPORT jstring JNICALL Java_ai_qwenvledge_QwenVLNative_generate(JNIEnv* env, 
         rows[i].resize(static_cast<size_t>(n));
         env->GetFloatArrayRegion(array, 0, n, rows[i].data());
         env->DeleteLocalRef(array);
-        images[i] = qwenvl_image{rows[i].data(), QWENVL_IMAGE_ROWS, info.n_embd};
+        images[i] = qwenvl_image{rows[i].data(), info.n_image_rows, info.n_embd};
     }
 
     CallbackState state{env, callback, nullptr};

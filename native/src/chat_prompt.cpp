@@ -12,20 +12,9 @@
 namespace qwenvl {
 namespace {
 
-struct GroundingTag {
-    std::string_view text;
-    llama_token id;
-};
-
-// The only special tokens a user may type (SPEC "How the image enters the LLM").
-constexpr std::array<GroundingTag, 6> kGroundingTags = {{
-    {"<ref>", QWENVL_TOKEN_REF_START},
-    {"</ref>", QWENVL_TOKEN_REF_START + 1},
-    {"<box>", QWENVL_TOKEN_REF_START + 2},
-    {"</box>", QWENVL_TOKEN_REF_START + 3},
-    {"<quad>", QWENVL_TOKEN_REF_START + 4},
-    {"</quad>", QWENVL_TOKEN_REF_START + 5},
-}};
+// The only special tokens a user may type (SPEC "How the image enters the LLM"), in id order from
+// the contract's ref_start_id.
+constexpr std::array<std::string_view, 6> kGroundingTags = {{"<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>"}};
 
 void append(Units& units, const std::vector<llama_token>& ids) {
     for (llama_token id : ids) units.push_back(Unit::of_token(id));
@@ -35,7 +24,7 @@ void append(Units& units, const Units& tail) { units.insert(units.end(), tail.be
 
 }  // namespace
 
-int32_t Unit::n_positions() const { return is_image ? QWENVL_IMAGE_ROWS : 1; }
+int32_t Unit::n_positions() const { return is_image ? n_rows : 1; }
 
 bool Unit::same_as(const Unit& other) const {
     if (is_image != other.is_image) return false;
@@ -56,7 +45,7 @@ std::vector<int32_t> flatten_ids(const Units& units) {
     ids.reserve(static_cast<size_t>(count_positions(units)));
     for (const Unit& u : units) {
         if (u.is_image) {
-            ids.insert(ids.end(), QWENVL_IMAGE_ROWS, QWENVL_IMAGE_POSITION);
+            ids.insert(ids.end(), static_cast<size_t>(u.n_rows), QWENVL_IMAGE_POSITION);
         } else {
             ids.push_back(u.token);
         }
@@ -96,7 +85,7 @@ std::string Tokenizer::piece(llama_token token) const {
 // Gathers text until a special id or an image comes, then tokenizes it as one run.
 class PromptBuilder::Writer {
 public:
-    explicit Writer(const Tokenizer& tokenizer) : tokenizer_(tokenizer) {}
+    Writer(const Tokenizer& tokenizer, llama_token ref_start_id) : tokenizer_(tokenizer), ref_start_id_(ref_start_id) {}
 
     Writer& text(std::string_view text) {
         text_.append(text.data(), text.size());
@@ -114,20 +103,20 @@ public:
         size_t start = 0;
         while (start < text.size()) {
             size_t best = std::string_view::npos;  // the earliest grounding tag at or after `start`
-            const GroundingTag* tag = nullptr;
-            for (const GroundingTag& t : kGroundingTags) {
-                const size_t at = text.find(t.text, start);
+            size_t tag = kGroundingTags.size();
+            for (size_t t = 0; t < kGroundingTags.size(); ++t) {
+                const size_t at = text.find(kGroundingTags[t], start);
                 if (at < best) {
                     best = at;
-                    tag = &t;
+                    tag = t;
                 }
             }
-            if (tag == nullptr) {
+            if (tag == kGroundingTags.size()) {
                 this->text(text.substr(start));
                 break;
             }
-            this->text(text.substr(start, best - start)).special(tag->id);
-            start = best + tag->text.size();
+            this->text(text.substr(start, best - start)).special(ref_start_id_ + static_cast<llama_token>(tag));
+            start = best + kGroundingTags[tag].size();
         }
         return *this;
     }
@@ -144,14 +133,16 @@ private:
     }
 
     const Tokenizer& tokenizer_;
+    llama_token ref_start_id_;
     std::string text_;
     Units units_;
 };
 
-PromptBuilder::PromptBuilder(const Tokenizer& tokenizer) : tokenizer_(tokenizer), nl_(tokenizer.plain("\n")) {}
+PromptBuilder::PromptBuilder(const Tokenizer& tokenizer, const ModelContract& contract)
+    : tokenizer_(tokenizer), contract_(contract), nl_(tokenizer.plain("\n")) {}
 
 Units PromptBuilder::user_text(std::string_view text) const {
-    Writer w(tokenizer_);
+    Writer w(tokenizer_, contract_.ref_start_id);
     w.user_text(text);
     return w.finish();
 }
@@ -159,34 +150,34 @@ Units PromptBuilder::user_text(std::string_view text) const {
 Units PromptBuilder::content(const Turn& turn) const {
     // "Picture N: <img>rows</img>\n" per image, then the question (as from_list_format); the "\n"
     // after the last </img> and the question's text are one run
-    Writer w(tokenizer_);
+    Writer w(tokenizer_, contract_.ref_start_id);
     for (size_t i = 0; i < turn.images.size(); ++i) {
-        w.text("Picture " + std::to_string(i + 1) + ": ").special(QWENVL_TOKEN_IMG_START);
-        w.unit(Unit::of_image(turn.images[i])).special(QWENVL_TOKEN_IMG_END).text("\n");
+        w.text("Picture " + std::to_string(i + 1) + ": ").special(contract_.image_start_id);
+        w.unit(Unit::of_image(turn.images[i], contract_.n_queries)).special(contract_.image_end_id).text("\n");
     }
     return w.user_text(turn.question).finish();
 }
 
 Units PromptBuilder::message(std::string_view role, const Units& content) const {
     // "<|im_start|>role\ncontent<|im_end|>": role, newline and content tokenized apart
-    Units units{Unit::of_token(QWENVL_TOKEN_IM_START)};
+    Units units{Unit::of_token(contract_.im_start_id)};
     append(units, tokenizer_.plain(role));
     append(units, nl_);
     append(units, content);
-    units.push_back(Unit::of_token(QWENVL_TOKEN_IM_END));
+    units.push_back(Unit::of_token(contract_.im_end_id));
     return units;
 }
 
 Units PromptBuilder::build(const Turn& question, const std::deque<Turn>& history, int64_t budget,
                            size_t* n_dropped) const {
     Units system_content;
-    append(system_content, tokenizer_.plain(kSystemPrompt));
+    append(system_content, tokenizer_.plain(contract_.system_prompt));
     const Units head = message("system", system_content);
     Units tail;
     append(tail, nl_);
     append(tail, message("user", content(question)));
     append(tail, nl_);
-    tail.push_back(Unit::of_token(QWENVL_TOKEN_IM_START));
+    tail.push_back(Unit::of_token(contract_.im_start_id));
     append(tail, tokenizer_.plain("assistant"));
     append(tail, nl_);
 
@@ -194,7 +185,7 @@ Units PromptBuilder::build(const Turn& question, const std::deque<Turn>& history
     if (need > budget) {
         fail(QWENVL_ERR_CONTEXT_FULL, "the question needs " + std::to_string(need) + " positions (" +
                                           std::to_string(question.images.size()) + " image(s) of " +
-                                          std::to_string(QWENVL_IMAGE_ROWS + 2) + " + text) but the context has room for " +
+                                          std::to_string(contract_.n_queries + 2) + " + text) but the context has room for " +
                                           std::to_string(budget) + ": use a larger n_ctx, fewer images or a shorter question");
     }
     // the newest old turns first, while the prompt fits

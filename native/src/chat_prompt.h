@@ -15,20 +15,22 @@
 #include <vector>
 
 #include "llama.h"
+#include "model_contract.h"
 
 namespace qwenvl {
 
-// One image's rows, float32 [QWENVL_IMAGE_ROWS, n_embd], shared by the turns and the KV record.
+// One image's rows, float32 [n_queries, n_embd], shared by the turns and the KV record.
 using ImageRows = std::shared_ptr<const std::vector<float>>;
 
-// One prompt unit: a token id, or an image standing for its QWENVL_IMAGE_ROWS positions.
+// One prompt unit: a token id, or an image standing for its n_rows positions (the contract's n_queries).
 struct Unit {
     llama_token token = -1;  // when not an image
     bool is_image = false;
     ImageRows rows;          // the image's rows; NULL for an image in a dry run (ids only)
+    int32_t n_rows = 0;      // positions of an image
 
-    static Unit of_token(llama_token t) { return Unit{t, false, nullptr}; }
-    static Unit of_image(ImageRows r) { return Unit{-1, true, std::move(r)}; }
+    static Unit of_token(llama_token t) { return Unit{t, false, nullptr, 0}; }
+    static Unit of_image(ImageRows r, int32_t n_rows) { return Unit{-1, true, std::move(r), n_rows}; }
 
     int32_t n_positions() const;
     // Same id, or images with equal rows (compared by content, as the runtime compares image hashes).
@@ -64,13 +66,11 @@ struct Turn {
     std::string answer;
 };
 
-// The system prompt of Qwen-VL-Chat (SPEC "Chat format").
-constexpr const char* kSystemPrompt = "You are a helpful assistant.";
-
 // Builds prompts; mirrors runtime/prompt.py PromptBuilder.
 class PromptBuilder {
 public:
-    explicit PromptBuilder(const Tokenizer& tokenizer);
+    // The ids, rows per image and system prompt come from the GGUF (ModelContract).
+    PromptBuilder(const Tokenizer& tokenizer, const ModelContract& contract);
 
     // User text: grounding tags become their ids, each run of other text is tokenized on its own.
     Units user_text(std::string_view text) const;
@@ -86,6 +86,7 @@ private:
     Units content(const Turn& turn) const;
 
     const Tokenizer& tokenizer_;
+    const ModelContract& contract_;
     std::vector<llama_token> nl_;
 };
 

@@ -49,7 +49,7 @@ void Decoder::eval(const Units& units, size_t first) {
         if (u.is_image) {
             eval_tokens(run, false);
             run.clear();
-            eval_rows(u.rows.get(), last);
+            eval_rows(u.rows.get(), u.n_rows, last);
         } else {
             run.push_back(u.token);
         }
@@ -72,13 +72,12 @@ void Decoder::eval_tokens(const std::vector<llama_token>& tokens, bool logits_la
     }
 }
 
-void Decoder::eval_rows(const std::vector<float>* image, bool logits_last) {
+void Decoder::eval_rows(const std::vector<float>* image, int32_t n_rows, bool logits_last) {
     const size_t row_floats = static_cast<size_t>(n_embd_);
-    if (image == nullptr || image->size() != row_floats * QWENVL_IMAGE_ROWS) {
+    if (image == nullptr || n_rows < 1 || image->size() != row_floats * static_cast<size_t>(n_rows)) {
         fail(QWENVL_ERR_INTERNAL, "image rows missing at position " + std::to_string(n_past_));
     }
     const float* rows = image->data();
-    const int32_t n_rows = QWENVL_IMAGE_ROWS;
     for (int32_t start = 0; start < n_rows; start += n_batch_) {
         const int32_t count = std::min(n_batch_, n_rows - start);
         llama_batch& b = rows_.get();

@@ -41,7 +41,7 @@ public:
 
 private:
     void eval_tokens(const std::vector<llama_token>& tokens, bool logits_last);
-    void eval_rows(const std::vector<float>* rows, bool logits_last);
+    void eval_rows(const std::vector<float>* rows, int32_t n_rows, bool logits_last);
     void decode(llama_batch& batch, int32_t n, const char* what);
 
     ContextPtr ctx_;

@@ -39,8 +39,6 @@ constexpr int kPrecisionBits = 32 - 8 - 2;  // 22 fraction bits: 8 for the pixel
 constexpr double kBicubicSupport = 2.0;
 constexpr int kOutChannels = 3;
 
-constexpr float kClipMean[3] = {0.48145466f, 0.4578275f, 0.40821073f};
-constexpr float kClipStd[3] = {0.26862954f, 0.26130258f, 0.27577711f};
 
 // Keys' cubic convolution kernel with a = -0.5 (Pillow's BICUBIC), evaluated as Pillow does.
 double bicubic_kernel(double x) {
@@ -245,9 +243,13 @@ extern "C" int qwenvl_resize_bicubic_u8(const unsigned char* pixels, int width, 
 }
 
 extern "C" int qwenvl_preprocess_image(const unsigned char* pixels, int width, int height, int channels,
-                                       int image_size, float* out) {
+                                       int image_size, const float* mean, const float* std, float* out) {
     const int rc = validate_input(pixels, width, height, channels, out, image_size, image_size);
     if (rc != QWENVL_PREPROCESS_OK) return rc;
+    if (mean == nullptr || std == nullptr) return QWENVL_PREPROCESS_ERR_NULL;
+    for (int c = 0; c < kOutChannels; ++c) {
+        if (!(std[c] > 0.0f) || !std::isfinite(mean[c]) || !std::isfinite(std[c])) return QWENVL_PREPROCESS_ERR_NORM;
+    }
     try {
         const size_t plane = static_cast<size_t>(image_size) * image_size;
         std::vector<uint8_t> rgb(plane * kOutChannels);  // (S, S, 3) uint8
@@ -258,7 +260,7 @@ extern "C" int qwenvl_preprocess_image(const unsigned char* pixels, int width, i
         for (int c = 0; c < kOutChannels; ++c) {
             for (int v = 0; v < 256; ++v) {
                 const float x = static_cast<float>(v) / 255.0f;
-                table[c][v] = (x - kClipMean[c]) / kClipStd[c];
+                table[c][v] = (x - mean[c]) / std[c];
             }
         }
         for (int c = 0; c < kOutChannels; ++c) {  // out: (3, S, S) float32
@@ -282,6 +284,7 @@ extern "C" const char* qwenvl_preprocess_error_string(int code) {
         case QWENVL_PREPROCESS_ERR_TOO_LARGE:
             return "image too large (side over 65535, over 178956970 pixels, or output side over 8192)";
         case QWENVL_PREPROCESS_ERR_NO_MEMORY: return "out of memory while resizing the image";
+        case QWENVL_PREPROCESS_ERR_NORM: return "mean/std must be finite and every std above 0";
         default: return "unknown error code";
     }
 }

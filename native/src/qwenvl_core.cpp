@@ -136,6 +136,16 @@ int qwenvl_close(qwenvl_session* session) {
     return guarded([&] { delete session; });
 }
 
+int qwenvl_add_turn(qwenvl_session* session, const qwenvl_image* images, int32_t n_images, const char* question,
+                    const char* answer) {
+    return guarded([&] {
+        require(session != nullptr, "session is NULL");
+        require(answer != nullptr, "answer is NULL");
+        qwenvl::Session::check_question(question, n_images);
+        session->impl->add_turn(images, n_images, question, answer);
+    });
+}
+
 int qwenvl_get_info(const qwenvl_session* session, qwenvl_info* out_info) {
     return guarded([&] {
         require(session != nullptr, "session is NULL");

@@ -43,24 +43,24 @@ ModelPtr load_model(const std::string& path) {
     return model;
 }
 
-// The decoder must be Qwen's, with the Qwen-VL special tokens at their ids: the prompt relies on them.
-void check_qwen_vl(const llama_model* model, const llama_vocab* vocab, const std::string& path) {
+// The decoder must be Qwen's, with the Qwen-VL special tokens at the ids its metadata names.
+const ModelContract& check_qwen_vl(const llama_model* model, const llama_vocab* vocab, const ModelContract& c,
+                                   const std::string& path) {
     char arch[64] = {0};
     if (llama_model_meta_val_str(model, "general.architecture", arch, sizeof arch) < 0 || std::string(arch) != "qwen") {
         fail(QWENVL_ERR_MODEL_LOAD, path + ": architecture '" + arch + "', expected 'qwen' (a Qwen-VL decoder GGUF)");
     }
     const int32_t n_vocab = llama_vocab_n_tokens(vocab);
-    if (n_vocab <= QWENVL_TOKEN_IMG_END) {
+    if (n_vocab <= c.image_end_id) {
         fail(QWENVL_ERR_MODEL_LOAD, path + ": vocabulary of " + str(n_vocab) + " tokens has no Qwen-VL special tokens");
     }
     const struct {
         llama_token id;
         const char* text;
     } expected[] = {
-        {QWENVL_TOKEN_ENDOFTEXT, "<|endoftext|>"}, {QWENVL_TOKEN_IM_START, "<|im_start|>"},
-        {QWENVL_TOKEN_IM_END, "<|im_end|>"},       {QWENVL_TOKEN_REF_START, "<ref>"},
-        {QWENVL_TOKEN_REF_START + 5, "</quad>"},   {QWENVL_TOKEN_IMG_START, "<img>"},
-        {QWENVL_TOKEN_IMG_END, "</img>"},
+        {c.eos_id, "<|endoftext|>"}, {c.im_start_id, "<|im_start|>"}, {c.im_end_id, "<|im_end|>"},
+        {c.ref_start_id, "<ref>"},   {c.ref_start_id + 5, "</quad>"},   {c.image_start_id, "<img>"},
+        {c.image_end_id, "</img>"},  {c.image_pad_id, "<imgpad>"},
     };
     for (const auto& e : expected) {
         const char* text = llama_vocab_get_text(vocab, e.id);
@@ -69,6 +69,7 @@ void check_qwen_vl(const llama_model* model, const llama_vocab* vocab, const std
                                             e.text + "': not a Qwen-VL vocabulary");
         }
     }
+    return c;
 }
 
 int32_t resolve_threads(int32_t n_threads) {
@@ -101,8 +102,8 @@ void check_generate_params(const qwenvl_generate_params& p) {
     }
 }
 
-// The rows of each image, checked: shape [QWENVL_IMAGE_ROWS, n_embd] and finite values.
-void check_images(const qwenvl_image* images, int32_t n_images, int32_t n_embd) {
+// The rows of each image, checked: shape [n_rows, n_embd] and finite values.
+void check_images(const qwenvl_image* images, int32_t n_images, int32_t n_rows, int32_t n_embd) {
     if (n_images > 0 && images == nullptr) {
         fail(QWENVL_ERR_INVALID_ARGUMENT, "images is NULL but n_images is " + str(n_images));
     }
@@ -110,9 +111,9 @@ void check_images(const qwenvl_image* images, int32_t n_images, int32_t n_embd) 
         const qwenvl_image& im = images[i];
         const std::string which = "image " + str(i);
         if (im.rows == nullptr) fail(QWENVL_ERR_INVALID_ARGUMENT, which + ": rows is NULL");
-        if (im.n_rows != QWENVL_IMAGE_ROWS) {
+        if (im.n_rows != n_rows) {
             fail(QWENVL_ERR_INVALID_ARGUMENT, which + " has " + str(im.n_rows) + " rows, expected " +
-                                                  str(QWENVL_IMAGE_ROWS) + " (the vision encoder's output)");
+                                                  str(n_rows) + " (the vision encoder's output)");
         }
         if (im.n_embd != n_embd) {
             fail(QWENVL_ERR_INVALID_ARGUMENT, which + " rows are " + str(im.n_embd) + " wide but the GGUF decoder takes " +
@@ -133,7 +134,8 @@ Session::Session(const std::string& gguf_path, const qwenvl_open_params& params)
     : model_(load_model(gguf_path)),
       vocab_(llama_model_get_vocab(model_.get())),
       tokenizer_(vocab_),
-      prompts_((check_qwen_vl(model_.get(), vocab_, gguf_path), tokenizer_)) {
+      contract_(ModelContract::read(model_.get(), gguf_path)),
+      prompts_(tokenizer_, check_qwen_vl(model_.get(), vocab_, contract_, gguf_path)) {
     DecoderOptions options;
     options.n_ctx = params.n_ctx;
     options.n_batch = std::min(params.n_batch, params.n_ctx);
@@ -149,6 +151,18 @@ qwenvl_info Session::info() const {
     out.n_vocab = llama_vocab_n_tokens(vocab_);
     out.n_past = decoder_->n_past();
     out.n_turns = static_cast<int32_t>(history_.size());
+    out.n_image_rows = contract_.n_queries;
+    out.image_size = contract_.image_size;
+    for (int i = 0; i < 3; ++i) {
+        out.image_mean[i] = contract_.image_mean[i];
+        out.image_std[i] = contract_.image_std[i];
+    }
+    out.eos_id = contract_.eos_id;
+    out.im_start_id = contract_.im_start_id;
+    out.im_end_id = contract_.im_end_id;
+    out.ref_start_id = contract_.ref_start_id;
+    out.image_start_id = contract_.image_start_id;
+    out.image_end_id = contract_.image_end_id;
     return out;
 }
 
@@ -174,8 +188,8 @@ std::vector<int32_t> Session::prompt_ids(int32_t n_images, const std::string& qu
 
 void Session::check_image_count(int32_t n_images) const {
     if (n_images < 0) fail(QWENVL_ERR_INVALID_ARGUMENT, "n_images " + str(n_images) + " is negative");
-    if (static_cast<int64_t>(n_images) * QWENVL_IMAGE_ROWS > prompt_budget()) {
-        fail(QWENVL_ERR_CONTEXT_FULL, str(n_images) + " images need " + str(static_cast<int64_t>(n_images) * QWENVL_IMAGE_ROWS) +
+    if (static_cast<int64_t>(n_images) * contract_.n_queries > prompt_budget()) {
+        fail(QWENVL_ERR_CONTEXT_FULL, str(n_images) + " images need " + str(static_cast<int64_t>(n_images) * contract_.n_queries) +
                                           " positions but the context has room for " + str(prompt_budget()) +
                                           ": use a larger n_ctx or fewer images");
     }
@@ -208,14 +222,9 @@ GenerateOutput Session::generate(const qwenvl_image* images, int32_t n_images, c
                                  const qwenvl_generate_params& params, const TokenSink& sink) {
     check_generate_params(params);
     check_image_count(n_images);
-    check_images(images, n_images, decoder_->n_embd());
+    check_images(images, n_images, contract_.n_queries, decoder_->n_embd());
 
-    Turn turn;
-    turn.question = question;
-    const size_t per_image = static_cast<size_t>(QWENVL_IMAGE_ROWS) * static_cast<size_t>(decoder_->n_embd());
-    for (int32_t i = 0; i < n_images; ++i) {  // kept with the turn: a later prompt decodes them again
-        turn.images.push_back(std::make_shared<const std::vector<float>>(images[i].rows, images[i].rows + per_image));
-    }
+    Turn turn = make_turn(images, n_images, question);
     size_t n_dropped = 0;
     const Units units = prompts_.build(turn, history_, prompt_budget(), &n_dropped);
     SamplerPtr sampler = make_sampler(params);
@@ -240,7 +249,7 @@ GenerateOutput Session::generate(const qwenvl_image* images, int32_t n_images, c
         t1 = Clock::now();
         for (;;) {
             const llama_token token = llama_sampler_sample(sampler.get(), decoder_->context(), -1);
-            if (token == QWENVL_TOKEN_IM_END || token == QWENVL_TOKEN_IM_START || token == QWENVL_TOKEN_ENDOFTEXT) {
+            if (contract_.is_stop(token)) {
                 out.stop_reason = QWENVL_STOP_TOKEN;
                 out.stop_token = token;
                 break;
@@ -281,6 +290,26 @@ GenerateOutput Session::generate(const qwenvl_image* images, int32_t n_images, c
     turn.answer = out.text;
     history_.push_back(std::move(turn));
     return out;
+}
+
+Turn Session::make_turn(const qwenvl_image* images, int32_t n_images, const std::string& question) const {
+    Turn turn;
+    turn.question = question;
+    const size_t per_image = static_cast<size_t>(contract_.n_queries) * static_cast<size_t>(decoder_->n_embd());
+    for (int32_t i = 0; i < n_images; ++i) {  // kept with the turn: a later prompt decodes them again
+        turn.images.push_back(std::make_shared<const std::vector<float>>(images[i].rows, images[i].rows + per_image));
+    }
+    return turn;
+}
+
+void Session::add_turn(const qwenvl_image* images, int32_t n_images, const std::string& question,
+                       const std::string& answer) {
+    check_image_count(n_images);
+    check_images(images, n_images, contract_.n_queries, decoder_->n_embd());
+    if (!is_valid_utf8(answer)) fail(QWENVL_ERR_INVALID_ARGUMENT, "answer is not valid UTF-8");
+    Turn turn = make_turn(images, n_images, question);
+    turn.answer = answer;
+    history_.push_back(std::move(turn));
 }
 
 void Session::reset() {

@@ -1,7 +1,7 @@
 // session.h - one Qwen-VL chat: the model, its decoder context, the turns and what the KV cache holds.
 //
 // Each turn builds the whole prompt (system, the newest old turns that fit, the question) the way
-// the Python runtime (runtime/pipeline.py) does, then keeps the longest prefix the KV cache
+// the Python runtime (runtime/session.py) does, then keeps the longest prefix the KV cache
 // already holds and decodes only the rest: a follow-up question costs its own tokens (plus the
 // reply's last id when generation stopped without a stop token), and a prompt that had to drop old
 // turns is re-decoded from the first position that changed.
@@ -17,6 +17,7 @@
 #include "chat_prompt.h"
 #include "decoder.h"
 #include "llama_handles.h"
+#include "model_contract.h"
 #include "qwenvl_core.h"
 
 namespace qwenvl {
@@ -57,17 +58,21 @@ public:
     GenerateOutput generate(const qwenvl_image* images, int32_t n_images, const std::string& question,
                             const qwenvl_generate_params& params, const TokenSink& sink);
 
+    void add_turn(const qwenvl_image* images, int32_t n_images, const std::string& question, const std::string& answer);
+
     void reset();
 
 private:
     int64_t prompt_budget() const { return decoder_->n_ctx() - 1; }  // one position kept for the reply
     void check_image_count(int32_t n_images) const;
     size_t cached_prefix(const Units& units) const;
+    Turn make_turn(const qwenvl_image* images, int32_t n_images, const std::string& question) const;
     SamplerPtr make_sampler(const qwenvl_generate_params& params) const;
 
     ModelPtr model_;
     const llama_vocab* vocab_ = nullptr;
     Tokenizer tokenizer_;
+    ModelContract contract_;  // read from the GGUF's qwenvl.* keys
     PromptBuilder prompts_;
     std::unique_ptr<Decoder> decoder_;
     std::deque<Turn> history_;

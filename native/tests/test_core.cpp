@@ -1,7 +1,7 @@
 // test_core.cpp - the native tests of libqwenvl_core, one group per ctest test.
 //
 //   qwenvl_core_tests <group>     groups: api_errors tokenize prompt_parity generate_parity
-//                                         chat_kv_cache preprocess
+//                                         chat_kv_cache preprocess prompt_fixture
 // Groups that need the tiny golden model read QWENVL_TEST_DATA (see test_data.h) and exit 77
 // ("skipped" for ctest) without it; api_errors runs its model-free checks either way.
 // Exit code 0: all checks passed; 1: some failed (each failure is printed).
@@ -137,10 +137,13 @@ struct Stream {
     }
 };
 
+// The model contract as the core read it from the GGUF's qwenvl.* keys (filled in main).
+qwenvl_info g_model{};
+
 std::vector<qwenvl_image> images_of(TestData& data, const GoldenCase& c) {
     std::vector<qwenvl_image> images;
     for (const std::string& name : c.images) {
-        images.push_back(qwenvl_image{data.rows(name).data(), QWENVL_IMAGE_ROWS, data.n_embd});
+        images.push_back(qwenvl_image{data.rows(name).data(), g_model.n_image_rows, data.n_embd});
     }
     return images;
 }
@@ -158,12 +161,12 @@ std::vector<int32_t> golden_question_ids(const GoldenCase& c) {
     const std::vector<int32_t>& ids = c.input_ids;
     size_t start = 0;
     for (size_t i = 0; i < ids.size(); ++i) {
-        if (ids[i] == QWENVL_TOKEN_IMG_END) start = i + 2;  // skip "</img>" and "\n"
+        if (ids[i] == g_model.image_end_id) start = i + 2;  // skip "</img>" and "\n"
     }
     if (start == 0) {
         int im_starts = 0;
         for (size_t i = 0; i < ids.size() && start == 0; ++i) {
-            if (ids[i] == QWENVL_TOKEN_IM_START && ++im_starts == 2) start = i + 3;  // "<|im_start|>", "user", "\n"
+            if (ids[i] == g_model.im_start_id && ++im_starts == 2) start = i + 3;  // "<|im_start|>", "user", "\n"
         }
     }
     return std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(start), ids.end() - 5);
@@ -241,11 +244,11 @@ void test_api_errors(TestData* data) {
     const std::vector<float>& rows = data->rows("sign");
     std::vector<float> nan_rows = rows;
     nan_rows[1234] = std::numeric_limits<float>::quiet_NaN();
-    const qwenvl_image good{rows.data(), QWENVL_IMAGE_ROWS, data->n_embd};
-    const qwenvl_image null_rows{nullptr, QWENVL_IMAGE_ROWS, data->n_embd};
-    const qwenvl_image short_rows{rows.data(), QWENVL_IMAGE_ROWS - 1, data->n_embd};
-    const qwenvl_image wide_rows{rows.data(), QWENVL_IMAGE_ROWS, data->n_embd + 1};
-    const qwenvl_image nan_image{nan_rows.data(), QWENVL_IMAGE_ROWS, data->n_embd};
+    const qwenvl_image good{rows.data(), g_model.n_image_rows, data->n_embd};
+    const qwenvl_image null_rows{nullptr, g_model.n_image_rows, data->n_embd};
+    const qwenvl_image short_rows{rows.data(), g_model.n_image_rows - 1, data->n_embd};
+    const qwenvl_image wide_rows{rows.data(), g_model.n_image_rows, data->n_embd + 1};
+    const qwenvl_image nan_image{nan_rows.data(), g_model.n_image_rows, data->n_embd};
     const qwenvl_generate_params ok = greedy(4);
     qwenvl_result r{};
     constexpr int kBad = QWENVL_ERR_INVALID_ARGUMENT;
@@ -312,17 +315,17 @@ void test_tokenize(TestData& data) {
     }
     // only the grounding tags are special: everything else that spells a special token is text
     const std::vector<int32_t> typed = tokenize(session, "<img>x</img><imgpad><|im_start|><|im_end|><|endoftext|><|extra_3|>");
-    for (int32_t id : typed) CHECK(id < QWENVL_TOKEN_ENDOFTEXT);
+    for (int32_t id : typed) CHECK(id < g_model.eos_id);
     const std::vector<int32_t> tags = tokenize(session, "<ref>a</ref><box>(1,2),(3,4)</box><quad>q</quad>");
     std::vector<int32_t> special;
     for (int32_t id : tags) {
-        if (id >= QWENVL_TOKEN_ENDOFTEXT) special.push_back(id);
+        if (id >= g_model.eos_id) special.push_back(id);
     }
-    const std::vector<int32_t> expected = {QWENVL_TOKEN_REF_START, QWENVL_TOKEN_REF_START + 1,
-                                           QWENVL_TOKEN_REF_START + 2, QWENVL_TOKEN_REF_START + 3,
-                                           QWENVL_TOKEN_REF_START + 4, QWENVL_TOKEN_REF_START + 5};
+    const std::vector<int32_t> expected = {g_model.ref_start_id, g_model.ref_start_id + 1,
+                                           g_model.ref_start_id + 2, g_model.ref_start_id + 3,
+                                           g_model.ref_start_id + 4, g_model.ref_start_id + 5};
     CHECK_IDS(special, expected);
-    CHECK(tags.front() == QWENVL_TOKEN_REF_START && tags.back() == QWENVL_TOKEN_REF_START + 5);
+    CHECK(tags.front() == g_model.ref_start_id && tags.back() == g_model.ref_start_id + 5);
     CHECK(tokenize(session, "").empty());
 }
 
@@ -433,7 +436,7 @@ void test_chat_kv_cache(TestData& data) {
         const std::vector<int32_t> prompt3 = prompt_ids(session, 1, "And this one?");
         CHECK_STATUS(qwenvl_generate(session.s, images.data(), 1, "And this one?", &p2, nullptr, nullptr, &r), QWENVL_OK);
         CHECK(r.n_prompt_evaluated == expected_evaluated(prompt3, cached2));
-        CHECK(r.n_prompt_evaluated > QWENVL_IMAGE_ROWS && r.n_prompt_evaluated < 2 * QWENVL_IMAGE_ROWS);
+        CHECK(r.n_prompt_evaluated > g_model.n_image_rows && r.n_prompt_evaluated < 2 * g_model.n_image_rows);
 
         // reset: the next prompt is the golden prompt again, and greedy decoding repeats the golden ids
         CHECK_STATUS(qwenvl_reset(session.s), QWENVL_OK);
@@ -461,7 +464,7 @@ void test_chat_kv_cache(TestData& data) {
         CHECK(r.n_prompt_evaluated == expected_evaluated(prompt3, cached2));
         CHECK(session.info().n_turns == 3);
         // prompt 3 = system message + turn 2 + the new turn (which equals the golden prompt's user part)
-        const size_t n_system = 10;  // <|im_start|>system\nYou are a helpful assistant.<|im_end|>
+        const size_t n_system = 10;  // <|im_start|>system\n(the system prompt: 7 ids)<|im_end|>
         CHECK_IDS(std::vector<int32_t>(prompt3.begin(), prompt3.begin() + n_system),
                   std::vector<int32_t>(first.input_ids.begin(), first.input_ids.begin() + n_system));
         const std::vector<int32_t> user_part(first.input_ids.begin() + n_system, first.input_ids.end());
@@ -469,8 +472,27 @@ void test_chat_kv_cache(TestData& data) {
                   user_part);
         int32_t image_positions = 0;
         for (int32_t id : prompt3) image_positions += id == QWENVL_IMAGE_POSITION;
-        CHECK(image_positions == QWENVL_IMAGE_ROWS);  // turn 1's image is gone
+        CHECK(image_positions == g_model.n_image_rows);  // turn 1's image is gone
     }
+}
+
+// tests/data/multi_turn_prompt.json (cases.txt "fixture_*" lines): the prompt the Python builder makes
+// for earlier turns given as text (qwenvl_add_turn) and a new question with two images.
+void test_prompt_fixture(TestData& data) {
+    CHECK(!data.fixture_ids.empty());
+    Session session(data.gguf, 2048, 512);
+    if (session.s == nullptr) return;
+    const std::vector<float> rows(static_cast<size_t>(g_model.n_image_rows) * data.n_embd, 0.5f);
+    for (const auto& turn : data.fixture_turns) {
+        const std::vector<qwenvl_image> images(static_cast<size_t>(turn.n_images),
+                                               qwenvl_image{rows.data(), g_model.n_image_rows, data.n_embd});
+        CHECK_STATUS(qwenvl_add_turn(session.s, images.data(), turn.n_images, turn.question.c_str(), turn.answer.c_str()),
+                     QWENVL_OK);
+    }
+    CHECK(session.info().n_turns == static_cast<int32_t>(data.fixture_turns.size()));
+    CHECK_IDS(prompt_ids(session, data.fixture_question_images, data.fixture_question), data.fixture_ids);
+    CHECK_STATUS(qwenvl_add_turn(session.s, nullptr, 0, "q", nullptr), QWENVL_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(qwenvl_add_turn(session.s, nullptr, 0, "q", "\xff"), QWENVL_ERR_INVALID_ARGUMENT);
 }
 
 void test_preprocess(TestData& data) {
@@ -482,7 +504,9 @@ void test_preprocess(TestData& data) {
         CHECK(rgb.size() == static_cast<size_t>(im.width) * im.height * 3);
         std::vector<float> out(3u * static_cast<size_t>(data.image_size) * data.image_size);
         CHECK(golden.size() == out.size());
-        const int rc = qwenvl_preprocess_image(rgb.data(), im.width, im.height, 3, data.image_size, out.data());
+        CHECK(g_model.image_size == data.image_size);  // read by the core from qwenvl.image_size
+        const int rc = qwenvl_preprocess_image(rgb.data(), im.width, im.height, 3, g_model.image_size,
+                                               g_model.image_mean, g_model.image_std, out.data());
         CHECK(rc == QWENVL_PREPROCESS_OK);
         double max_err = 0;
         for (size_t i = 0; i < out.size() && i < golden.size(); ++i) {
@@ -492,10 +516,15 @@ void test_preprocess(TestData& data) {
         CHECK(max_err <= 1e-6);
     }
     float out[3 * 4 * 4];
-    CHECK(qwenvl_preprocess_image(nullptr, 4, 4, 3, 4, out) < 0);
+    const float* mean = g_model.image_mean;
+    const float* sd = g_model.image_std;
+    CHECK(qwenvl_preprocess_image(nullptr, 4, 4, 3, 4, mean, sd, out) < 0);
     const unsigned char px[4 * 4 * 3] = {0};
-    CHECK(qwenvl_preprocess_image(px, 4, 4, 2, 4, out) < 0);
-    CHECK(qwenvl_preprocess_image(px, 0, 4, 3, 4, out) < 0);
+    CHECK(qwenvl_preprocess_image(px, 4, 4, 2, 4, mean, sd, out) < 0);
+    CHECK(qwenvl_preprocess_image(px, 0, 4, 3, 4, mean, sd, out) < 0);
+    CHECK(qwenvl_preprocess_image(px, 4, 4, 3, 4, nullptr, sd, out) == QWENVL_PREPROCESS_ERR_NULL);
+    const float zero_std[3] = {1.0f, 0.0f, 1.0f};
+    CHECK(qwenvl_preprocess_image(px, 4, 4, 3, 4, mean, zero_std, out) == QWENVL_PREPROCESS_ERR_NORM);
 #else
     (void)data;
     std::fprintf(stderr, "built without image_preprocess.cpp\n");
@@ -507,7 +536,7 @@ void test_preprocess(TestData& data) {
 
 int main(int argc, char** argv) {
     if (argc != 2) {
-        std::fprintf(stderr, "usage: %s api_errors|tokenize|prompt_parity|generate_parity|chat_kv_cache|preprocess\n",
+        std::fprintf(stderr, "usage: %s api_errors|tokenize|prompt_parity|generate_parity|chat_kv_cache|preprocess|prompt_fixture\n",
                      argv[0]);
         return 2;
     }
@@ -522,7 +551,12 @@ int main(int argc, char** argv) {
         {"generate_parity", test_generate_parity},
         {"chat_kv_cache", test_chat_kv_cache},
         {"preprocess", test_preprocess},
+        {"prompt_fixture", test_prompt_fixture},
     };
+    if (have_data) {  // the contract, as the core reads it from the GGUF
+        Session session(data.gguf, 256, 64);
+        if (session.s != nullptr) g_model = session.info();
+    }
     if (group == "api_errors") {
         test_api_errors(have_data ? &data : nullptr);
         if (!have_data) std::fprintf(stderr, "model checks skipped: %s\n", why.c_str());

@@ -58,6 +58,20 @@ bool TestData::load(std::string& error) {
             RgbImage im;
             in >> im.name >> im.width >> im.height;
             rgb_images.push_back(im);
+        } else if (key == "image_mean" || key == "image_std") {
+            // for the Java smoke test; the C++ tests take them from the GGUF (qwenvl_get_info)
+        } else if (key == "fixture_turn") {
+            FixtureTurn turn;
+            std::string question, answer;
+            in >> turn.n_images >> question >> answer;
+            turn.question = from_hex(question);
+            turn.answer = from_hex(answer == "-" ? "" : answer);
+            fixture_turns.push_back(turn);
+        } else if (key == "fixture_question") {
+            in >> fixture_question_images >> value;
+            fixture_question = from_hex(value);
+        } else if (key == "fixture_ids") {
+            fixture_ids = read_ints(in);
         } else if (key == "case") {
             cases.emplace_back();
             current = &cases.back();

@@ -3,7 +3,9 @@
 // QWENVL_TEST_DATA names a folder with:
 //   cases.txt         "key value..." lines: gguf PATH, n_embd N, image_size S, rgb NAME W H, then per
 //                     golden case: case NAME / images A B / text HEX / input_ids ... / generated_ids ...
-//                     / generated_text HEX / check_generation 0|1 / end
+//                     / generated_text HEX / check_generation 0|1 / end; the prompt fixture as
+//                     fixture_turn N_IMAGES QUESTION_HEX ANSWER_HEX / fixture_question N_IMAGES HEX /
+//                     fixture_ids ...
 //   NAME.f32          the golden vision rows of image NAME, float32 [256, n_embd]
 //   NAME.rgb          image NAME decoded to uint8 RGB [H, W, 3] (for preprocessing)
 //   NAME.pixels.f32   the golden preprocessed pixels, float32 [3, S, S]
@@ -32,6 +34,13 @@ struct RgbImage {
     int height = 0;
 };
 
+// One earlier turn of the shared multi-turn prompt fixture (tests/data/multi_turn_prompt.json).
+struct FixtureTurn {
+    std::string question;
+    int32_t n_images = 0;
+    std::string answer;
+};
+
 struct TestData {
     std::string dir;
     std::string gguf;
@@ -40,6 +49,11 @@ struct TestData {
     int32_t max_new_tokens = 24;
     std::vector<RgbImage> rgb_images;
     std::vector<GoldenCase> cases;
+    // the shared multi-turn prompt fixture: earlier turns, the question, its image count, the ids
+    std::vector<FixtureTurn> fixture_turns;
+    std::string fixture_question;
+    int32_t fixture_question_images = 0;
+    std::vector<int32_t> fixture_ids;
 
     // Reads QWENVL_TEST_DATA; false (and `error`) when it is unset or unreadable.
     bool load(std::string& error);

@@ -59,6 +59,13 @@ public final class NativeSmokeTest {
         return new String(bytes, StandardCharsets.UTF_8);
     }
 
+    static float[] parseFloats(String text) {
+        String[] parts = text.trim().split(" ");
+        float[] out = new float[parts.length];
+        for (int i = 0; i < parts.length; i++) out[i] = Float.parseFloat(parts[i]);
+        return out;
+    }
+
     private static float[] readFloats(Path file) throws IOException {
         ByteBuffer buf = ByteBuffer.wrap(Files.readAllBytes(file)).order(ByteOrder.LITTLE_ENDIAN);
         float[] out = new float[buf.remaining() / 4];
@@ -76,6 +83,8 @@ public final class NativeSmokeTest {
         String gguf = null;
         int nEmbd = 0;
         int imageSize = 0;
+        float[] mean = null;
+        float[] std = null;
         int maxNewTokens = 24;
         Map<String, int[]> rgbSizes = new HashMap<>();
         Map<String, Case> cases = new HashMap<>();
@@ -87,6 +96,8 @@ public final class NativeSmokeTest {
                 case "gguf": gguf = value; break;
                 case "n_embd": nEmbd = Integer.parseInt(value); break;
                 case "image_size": imageSize = Integer.parseInt(value); break;
+                case "image_mean": mean = parseFloats(value); break;
+                case "image_std": std = parseFloats(value); break;
                 case "max_new_tokens": maxNewTokens = Integer.parseInt(value); break;
                 case "rgb": {
                     String[] p = value.split(" ");
@@ -157,16 +168,22 @@ public final class NativeSmokeTest {
                 () -> QwenVLNative.generate(handle, null, "Hi", 0, 0.0f, 1.0f, null));
         expectThrows(IllegalArgumentException.class, "topP 2",
                 () -> QwenVLNative.generate(handle, null, "Hi", 4, 0.5f, 2.0f, null));
+        final int side = imageSize;
+        final float[] normMean = mean;
+        final float[] normStd = std;
         expectThrows(IllegalArgumentException.class, "preprocess channels 2",
-                () -> QwenVLNative.preprocess(new byte[8], 2, 2, 2, 448));
+                () -> QwenVLNative.preprocess(new byte[8], 2, 2, 2, side, normMean, normStd));
         expectThrows(IllegalArgumentException.class, "preprocess short pixels",
-                () -> QwenVLNative.preprocess(new byte[5], 2, 2, 3, 448));
-        expectThrows(IllegalArgumentException.class, "preprocess null", () -> QwenVLNative.preprocess(null, 2, 2, 3, 448));
+                () -> QwenVLNative.preprocess(new byte[5], 2, 2, 3, side, normMean, normStd));
+        expectThrows(IllegalArgumentException.class, "preprocess null",
+                () -> QwenVLNative.preprocess(null, 2, 2, 3, side, normMean, normStd));
+        expectThrows(IllegalArgumentException.class, "preprocess no mean",
+                () -> QwenVLNative.preprocess(new byte[12], 2, 2, 3, side, null, null));
 
         // preprocessing equals the golden pixels
         for (Map.Entry<String, int[]> e : rgbSizes.entrySet()) {
             byte[] rgb = Files.readAllBytes(dir.resolve(e.getKey() + ".rgb"));
-            float[] pixels = QwenVLNative.preprocess(rgb, e.getValue()[0], e.getValue()[1], 3, imageSize);
+            float[] pixels = QwenVLNative.preprocess(rgb, e.getValue()[0], e.getValue()[1], 3, imageSize, mean, std);
             float[] golden = readFloats(dir.resolve(e.getKey() + ".pixels.f32"));
             double maxErr = pixels.length == golden.length ? 0 : Double.POSITIVE_INFINITY;
             for (int i = 0; i < Math.min(pixels.length, golden.length); i++) {

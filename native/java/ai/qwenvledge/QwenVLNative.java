@@ -48,10 +48,13 @@ public final class QwenVLNative {
      * normalisation).
      *
      * @param pixels row-major HWC bytes, {@code channels} 3 (RGB) or 4 (RGBA; alpha ignored)
-     * @param imageSize the model's input side (448 for Qwen-VL)
+     * @param imageSize the model's input side (manifest model.image_size)
+     * @param mean the model's per-channel mean (manifest model.image_mean, 3 floats)
+     * @param std the model's per-channel std (manifest model.image_std, 3 floats)
      * @return float32 [3, imageSize, imageSize], channel-major
      */
-    public static native float[] preprocess(byte[] pixels, int width, int height, int channels, int imageSize);
+    public static native float[] preprocess(byte[] pixels, int width, int height, int channels, int imageSize,
+                                            float[] mean, float[] std);
 
     /**
      * Ask a question about zero or more images and generate the reply.

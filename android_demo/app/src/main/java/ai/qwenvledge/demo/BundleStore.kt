@@ -12,6 +12,8 @@ import java.io.File
 data class BundleInfo(
     val folder: File,
     val imageSize: Int,      // vision input side S: pixel_values [N, 3, S, S]
+    val imageMean: FloatArray, // per-channel normalisation (the model's CLIP mean/std, 3 floats each)
+    val imageStd: FloatArray,
     val hiddenSize: Int,     // image row width: image_embeds [N, n_queries, hidden]
     val nQueries: Int,       // image rows per image (256)
     val seqLength: Int,      // the decoder's trained context (2048)
@@ -84,6 +86,8 @@ class BundleStore(context: Context) {
                 BundleInfo(
                     folder = folder,
                     imageSize = model.getInt("image_size"),
+                    imageMean = floats3(model.getJSONArray("image_mean"), path, "image_mean"),
+                    imageStd = floats3(model.getJSONArray("image_std"), path, "image_std"),
                     hiddenSize = model.getInt("hidden_size"),
                     nQueries = model.optInt("n_queries", 256),
                     seqLength = model.optInt("seq_length", 2048),
@@ -104,6 +108,11 @@ class BundleStore(context: Context) {
                 }
             }
             return info
+        }
+
+        private fun floats3(array: org.json.JSONArray, path: File, name: String): FloatArray {
+            if (array.length() != 3) throw BundleException("$path: model.$name must hold 3 numbers")
+            return FloatArray(3) { array.getDouble(it).toFloat() }
         }
 
         private fun visionName(manifest: JSONObject) = manifest.getJSONObject("vision").optString("file", "vision.onnx")

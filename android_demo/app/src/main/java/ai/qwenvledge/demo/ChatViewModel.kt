@@ -196,7 +196,8 @@ class ChatViewModel(application: Application) : AndroidViewModel(application) {
         _state.update { it.copy(busy = "Encoding the photo") }
         try {
             val pixels = PhotoLoader.decodePixels(resolver, uri)
-            val input = QwenVLNative.preprocess(pixels.bytes, pixels.width, pixels.height, 4, bundle.imageSize)
+            val input = QwenVLNative.preprocess(pixels.bytes, pixels.width, pixels.height, 4, bundle.imageSize,
+                bundle.imageMean, bundle.imageStd)
             synchronized(visionLock) {
                 val encoder = vision ?: VisionEncoder(
                     bundle.visionFile, bundle.imageSize, bundle.nQueries, bundle.hiddenSize, _state.value.settings.nThreads,

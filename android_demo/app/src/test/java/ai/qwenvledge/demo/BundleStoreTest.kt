@@ -23,7 +23,8 @@ class BundleStoreTest {
             """
             {"format": "qwenvl-edge-bundle", "format_version": $formatVersion, "created_by": "qwenvl-edge 0.1.0",
              "model": {"hidden_size": 4096, "vocab_size": 151936, "seq_length": 2048, "image_size": 448,
-                       "n_queries": 256, "image_start_id": 151857, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                       "n_queries": 256, "image_start_id": 7, "image_mean": [0.5, 0.25, 0.125],
+                       "image_std": [0.5, 0.5, 0.25],
                        "top_p": 0.3, "top_k": 0, "max_new_tokens": 512},
              "vision": {"file": "vision.onnx", "precision": "int8", "fp32_file": "vision_fp32.onnx"},
              "llm": {"file": "llm.gguf", "type": "Q4_K_M"},
@@ -41,6 +42,7 @@ class BundleStoreTest {
         val folder = bundle()
         val info = BundleStore.read(folder)
         assertEquals(448, info.imageSize)
+        assertEquals(0.25f, info.imageStd[2])
         assertEquals(4096, info.hiddenSize)
         assertEquals(256, info.nQueries)
         assertEquals(2048, info.seqLength)

@@ -1,6 +1,6 @@
-"""What each ``qwenvl-edge`` subcommand does, given its parsed arguments.
+"""What each ``qwenvl-edge`` subcommand does, given its parsed arguments (``chat`` is in ``chat.py``).
 
-``cli.py`` parses; these functions do the work and print (this is the ``__main__`` side, so
+``qwenvl_edge.cli`` parses; these functions do the work and print (this is the ``__main__`` side, so
 ``print`` is allowed here and nowhere in the rooms). Each returns the exit code.
 """
 
@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
 
-from qwenvl_edge.errors import PromptError, QwenVLError
+from qwenvl_edge.cli.common import check_model_options, open_model, print_timings, sampling, say
+from qwenvl_edge.cli.inputs import read_batch, split_items
+from qwenvl_edge.contract import MANIFEST_FILE
+from qwenvl_edge.errors import OptionError, QwenVLError
 
 
 class ProgressPrinter:
@@ -52,155 +54,103 @@ class ProgressPrinter:
 def cmd_synth(a: argparse.Namespace) -> int:
     from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
 
+    if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
+        raise OptionError(f"{a.out}: exists and is not an empty folder; synth writes a checkpoint only into a new "
+                          "or empty folder (two checkpoints in one folder would mix)")
     shard = None if a.shard_mb == 0 else a.shard_mb * 2**20
-    write_checkpoint(a.out, a.preset, a.seed, a.format, shard, a.tiktoken, a.override, progress=ProgressPrinter())
+    progress = None if a.quiet else ProgressPrinter()
+    write_checkpoint(a.out, a.preset, a.seed, a.format, shard, a.tiktoken, a.override, progress=progress)
     print(a.out)
     return 0
+
+
+def check_export_options(a: argparse.Namespace) -> None:
+    """What argparse cannot see: calibration images only where a scheme reads them."""
+    scheme = a.vision_scheme or "dynamic"
+    if a.calibration_image and (a.vision != "int8" or scheme != "static"):
+        used = f"--vision {a.vision}" if a.vision != "int8" else f"the {scheme} scheme"
+        raise OptionError(f"--calibration-image is read only by --vision-scheme static; {used} would ignore it")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from qwenvl_edge.bundle_export import ExportOptions, export_bundle
 
+    check_export_options(a)
     opts = ExportOptions(vision=a.vision, vision_scheme=a.vision_scheme,
                          calibration_images=tuple(a.calibration_image or ()), llm=a.llm,
-                         keep_fp32_vision=a.keep_fp32_vision, n_threads=a.threads, force=a.force,
-                         fresh=a.fresh)
-    out = export_bundle(a.checkpoint, a.out, opts, progress=ProgressPrinter())
-    manifest = json.loads((out / "manifest.json").read_text())
+                         keep_fp32_vision=a.keep_fp32_vision, n_threads=a.threads, force=a.force)
+    out = export_bundle(a.checkpoint, a.out, opts, progress=(lambda _m: None) if a.quiet else ProgressPrinter())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     for name, entry in manifest["files"].items():
         print(f"{entry['bytes'] / 2**20:10.1f} MiB  {out / name}")
     report = manifest["vision"].get("quality")
-    if report:
+    if report and not a.quiet:
         from qwenvl_edge.quant.vision_quality import format_quality
 
         print(f"vision INT8 ({report.get('scheme')}) vs FP32 rows:")
         print(format_quality(report["quality"]))
-    llm_quality = manifest["llm"].get("quality")
-    if llm_quality:
-        from qwenvl_edge.quant.gguf_quality import format_gguf_quality
-
-        print(f"llm {manifest['llm']['type']} vs BF16 next-token distributions: {format_gguf_quality(llm_quality)}")
     return 0
-
-
-def _split_run_args(items: list[str]) -> tuple[list[str], str]:
-    if not items:
-        raise PromptError("give the question as the last argument")
-    *images, question = items
-    if not question.strip():
-        raise PromptError("the question is empty")
-    return images, question
-
-
-def _open_model(a: argparse.Namespace):
-    from qwenvl_edge.runtime.pipeline import QwenVL
-
-    return QwenVL(a.bundle, n_threads=a.threads, n_ctx=a.n_ctx, keep_vision=a.keep_vision,
-                  cache_dir=None if a.no_cache else _default_cache(), seed=a.seed, verbose=a.verbose,
-                  use_mmap=a.mmap)
-
-
-def _default_cache():
-    from qwenvl_edge.runtime.embedding_cache import default_cache_dir
-
-    return default_cache_dir()
-
-
-def _sampling(a: argparse.Namespace) -> dict:
-    return {"max_tokens": a.max_tokens, "temperature": 0.0 if a.greedy else a.temperature, "top_p": a.top_p}
-
-
-def _print_timings(result) -> None:
-    t = result.timings
-    print(f"[image encode {t.image_encode_s:.2f} s ({t.images_encoded} encoded, {t.images_from_cache} cached), "
-          f"prefill {t.prefill_positions} pos in {t.prefill_s:.2f} s, first token {t.ttft_s:.2f} s, "
-          f"decode {t.decode_tokens} tok at {t.decode_tok_s:.1f} tok/s]", file=sys.stderr)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    images, question = _split_run_args(a.items)
-    for image in images:
-        if not Path(image).is_file():
-            raise QwenVLError(f"{image}: no such image file")
-    with _open_model(a) as model:
+    if a.batch is not None:
+        return _run_batch(a)
+    job = split_items(a.items)
+    if a.draw is not None and not job.images:
+        raise OptionError("--draw needs an image to draw on")
+    if a.draw is not None and not a.draw.parent.is_dir():
+        raise OptionError(f"--draw {a.draw}: no folder {a.draw.parent} to write it in")
+    check_model_options(a)
+    with open_model(a) as model:
         if a.json:
-            result = model.generate(images, question, **_sampling(a))
+            result = model.generate(job.images, job.question, **sampling(a))
         else:
-            for piece in model.generate(images, question, stream=True, **_sampling(a)):
+            for piece in model.generate(job.images, job.question, stream=True, **sampling(a)):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+            sys.stdout.flush()
             result = model.last_result
         if a.draw:
-            _draw(images, result, a.draw)
+            _draw(a, job.images, result, a.draw)
     if a.json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
     else:
-        _print_timings(result)
+        print_timings(a, result)
     return 0
 
 
-def _draw(images: list[str], result, out: Path) -> None:
+def _run_batch(a: argparse.Namespace) -> int:
+    """Every line of ``--batch`` with one model load; one JSON line out per line in (an error object if it fails)."""
+    if a.items:
+        raise OptionError("--batch reads the images and questions from its file: give no other arguments")
+    if a.draw is not None:
+        raise OptionError("--draw cannot be used with --batch")
+    jobs = read_batch(a.batch)
+    check_model_options(a)
+    failed = 0
+    with open_model(a) as model:
+        for job in jobs:
+            try:
+                out = model.generate(job.images, job.question, **sampling(a)).to_dict()
+            except QwenVLError as e:  # one bad image must not cost the other answers
+                out, failed = {"error": str(e)}, failed + 1
+            print(json.dumps(out, ensure_ascii=False), flush=True)
+    if failed:
+        raise QwenVLError(f"{failed} of {len(jobs)} questions failed (their output lines hold an \"error\")")
+    say(a, f"[answered {len(jobs)} questions]")
+    return 0
+
+
+def _draw(a: argparse.Namespace, images: list[str], result, out: Path) -> None:
     from qwenvl_edge.runtime.boxes import draw_boxes
     from qwenvl_edge.runtime.preprocess import load_image
 
-    if not images:
-        raise QwenVLError("--draw needs an image")
     draw_boxes(load_image(images[0]), result.boxes, out)
-    print(f"[drew {len(result.boxes)} box(es) on {out}]", file=sys.stderr)
-
-
-def cmd_chat(a: argparse.Namespace) -> int:
-    for image in a.images:
-        if not Path(image).is_file():
-            raise QwenVLError(f"{image}: no such image file")
-    pending = list(a.images)
-    with _open_model(a) as model:
-        print("qwenvl-edge chat: type a question; /image PATH adds a picture, /reset forgets, /quit ends.",
-              file=sys.stderr)
-        while True:
-            print("> ", end="", file=sys.stderr, flush=True)  # stdout carries only the answers
-            try:
-                line = input()
-            except EOFError:
-                break
-            line = line.strip()
-            if not line:
-                continue
-            if line in ("/quit", "/exit"):
-                break
-            if line == "/reset":
-                model.reset()
-                print("[conversation forgotten]", file=sys.stderr)
-                continue
-            if line.startswith("/image "):
-                path = line[len("/image "):].strip()
-                if Path(path).is_file():
-                    pending.append(path)
-                else:
-                    print(f"qwenvl-edge: error: {path}: no such image file", file=sys.stderr)
-                continue
-            try:
-                for piece in model.chat(line, pending, stream=True, **_sampling(a)):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-            except QwenVLError as e:  # one bad turn must not end the conversation
-                print(f"qwenvl-edge: error: {e}", file=sys.stderr)
-                continue
-            sys.stdout.write("\n")
-            pending = []
-            result = model.last_result
-            _print_timings(result)
-            print(f"[re-used {result.timings.reused_positions} cached positions]", file=sys.stderr)
-    return 0
+    say(a, f"[drew {len(result.boxes)} box(es) on {out}]")
 
 
 DEMO_SEED = 4  # the demo's images: a seed the training never saw
-
-
-def default_demo_dir() -> Path:
-    """``$XDG_CACHE_HOME/qwenvl-edge/demo`` (default ``~/.cache/qwenvl-edge/demo``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwenvl-edge" / "demo"
 
 
 def _demo_bundle(home: Path, llm: str, rebuild: bool) -> Path:
@@ -210,9 +160,9 @@ def _demo_bundle(home: Path, llm: str, rebuild: bool) -> Path:
     from qwenvl_edge.bundle_export import ExportOptions, export_bundle
     from qwenvl_edge.export.tiny_trained import DATA, write_tiny_trained
 
-    ckpt, bundle, stamp = home / "tiny-trained-checkpoint", home / f"tiny-trained-bundle-{llm}", home / "weights.sha256"
-    digest = hashlib.sha256(DATA.read_bytes()).hexdigest() if DATA.is_file() else "missing"
-    fresh = (bundle / "manifest.json").is_file() and stamp.is_file() and stamp.read_text().strip() == digest
+    ckpt, bundle, stamp = home / "tiny-checkpoint", home / "tiny-bundle", home / "weights.sha256"
+    digest = (hashlib.sha256(DATA.read_bytes()).hexdigest() if DATA.is_file() else "missing") + f" {llm}"
+    fresh = (bundle / MANIFEST_FILE).is_file() and stamp.is_file() and stamp.read_text().strip() == digest
     if rebuild or not fresh:
         progress = ProgressPrinter()
         print(f"demo: rebuilding the tiny trained Qwen-VL checkpoint in {ckpt}", file=sys.stderr)
@@ -228,18 +178,18 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from qwenvl_edge import task_images
     from qwenvl_edge.runtime.boxes import draw_boxes
 
-    home = Path(a.dir) if a.dir else default_demo_dir()
+    home = Path(a.dir)
     home.mkdir(parents=True, exist_ok=True)
     a.bundle = _demo_bundle(home, a.llm, a.rebuild)
     draw = a.draw or home / "demo-grounding-box.png"
     right = 0
-    with _open_model(a) as model:
+    with open_model(a) as model:
         for task in ("sign", "colour", "grounding"):
             sample = task_images.make_set(task, 1, DEMO_SEED)[0]
             path = home / f"demo-{task}.png"
             sample.image.save(path)
             question = a.question or sample.question
-            result = model.generate([str(path)], question, **_sampling(a))
+            result = model.generate([str(path)], question, **sampling(a))
             model.reset()
             ok = a.question is None and task_images.answer_correct(sample, result.text)
             right += ok
@@ -257,7 +207,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from qwenvl_edge.evaluate import evaluate, folder_items, format_report, synthetic_items
 
     if a.n < 1:
-        raise QwenVLError(f"--n must be at least 1, got {a.n}")
+        raise OptionError(f"--n must be at least 1, got {a.n}")
     items = folder_items(a.images) if a.images else synthetic_items(a.n, a.seed)
     report = evaluate(a.bundle, items, a.reference, a.threads)
     print(json.dumps(report, ensure_ascii=False) if a.json else format_report(report))
@@ -270,4 +220,28 @@ def cmd_verify(a: argparse.Namespace) -> int:
     bundle = Bundle.open(a.bundle)
     bundle.verify_checksums()
     print(f"{bundle.folder}: {len(bundle.manifest['files'])} files match the manifest")
+    return 0
+
+
+def cmd_cache(a: argparse.Namespace) -> int:
+    from qwenvl_edge.cli import cache
+
+    kinds = cache.select_kinds(a.kind)
+    store = cache.open_store()
+    if a.action == "clear":
+        for kind in kinds:
+            size = store.size(kind)[1]
+            print(f"{kind}: removed {store.clear(kind)} entries ({cache.human(size)})")
+        return 0
+    print(f"cache folder: {store.folder} (at most {cache.human(store.max_bytes)}, least recently used go first)")
+    for kind in kinds:
+        entries, size = store.size(kind)
+        print(f"{kind:<7} {entries:6d} entries {cache.human(size):>10}  {cache.KINDS[kind]}")
+    return 0
+
+
+def cmd_completion(a: argparse.Namespace) -> int:
+    from qwenvl_edge.cli.completion import script
+
+    sys.stdout.write(script(a.shell))
     return 0

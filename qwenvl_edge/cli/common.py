@@ -1,0 +1,80 @@
+"""What ``run``, ``chat`` and ``demo`` share: option checks before any model loads, opening the
+model, sampling arguments, and the stderr lines (silenced by ``-q``).
+
+Option values are checked by ``qwenvl_edge.validate`` (the one place for that), here, before the
+bundle's engines load, so a bad ``--n-ctx`` costs milliseconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from qwenvl_edge import validate
+from qwenvl_edge.errors import ImageError, OptionError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic"}
+
+
+def say(a: argparse.Namespace, message: str) -> None:
+    """A status line on stderr (stdout carries only answers); nothing with ``-q``."""
+    if not getattr(a, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+ENV_THREADS = "QWENVL_EDGE_THREADS"
+
+
+def default_threads() -> int | None:
+    """``$QWENVL_EDGE_THREADS`` when set (as OMP_NUM_THREADS is for other tools), else None: every usable core."""
+    value = os.environ.get(ENV_THREADS, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise OptionError(f"${ENV_THREADS} must be a whole number of threads, got {value!r}") from None
+
+
+def check_model_options(a: argparse.Namespace) -> None:
+    """Every option of a model command, checked before the model loads (raises ``QwenVLError``)."""
+    a.threads = validate.n_threads(a.threads if a.threads is not None else default_threads())
+    a.n_ctx = validate.n_ctx(a.n_ctx)
+    a.max_tokens = validate.max_tokens(a.max_tokens)
+    a.temperature = validate.temperature(a.temperature)
+    a.top_p = validate.top_p(a.top_p)
+    a.seed = validate.seed(a.seed)
+
+
+def check_image_files(images: list[str]) -> None:
+    """Each image names a readable file (decoding is checked when it is encoded)."""
+    for image in images:
+        if not Path(image).is_file():
+            raise ImageError(f"{image}: no such image file")
+
+
+def open_model(a: argparse.Namespace):
+    from qwenvl_edge.runtime.pipeline import QwenVL
+
+    return QwenVL(a.bundle, n_threads=a.threads, n_ctx=a.n_ctx, keep_vision=a.keep_vision,
+                  cache_dir=None if a.no_cache else default_cache(), seed=a.seed, verbose=a.verbose,
+                  use_mmap=a.mmap)
+
+
+def default_cache():
+    from qwenvl_edge.runtime.store import default_store_dir
+
+    return default_store_dir()
+
+
+def sampling(a: argparse.Namespace) -> dict:
+    return {"max_tokens": a.max_tokens, "temperature": 0.0 if a.greedy else a.temperature, "top_p": a.top_p}
+
+
+def print_timings(a: argparse.Namespace, result) -> None:
+    t = result.timings
+    say(a, f"[image encode {t.image_encode_s:.2f} s ({t.images_encoded} encoded, {t.images_from_cache} cached), "
+           f"prefill {t.prefill_positions} pos in {t.prefill_s:.2f} s, first token {t.ttft_s:.2f} s, "
+           f"decode {t.decode_tokens} tok at {t.decode_tok_s:.1f} tok/s]")

@@ -1,0 +1,290 @@
+"""The decoder in llama.cpp: token runs and image rows into one KV cache whose contents it tracks.
+
+Built on llama-cpp-python's own resource classes (``_internals.LlamaModel`` / ``LlamaContext`` /
+``LlamaBatch``), not on ``Llama``: image rows must go in between tokens, which ``Llama`` cannot do
+without writing its privates. Two batches are allocated once (token ids, and rows of ``n_embd``
+floats) and refilled for every decode. ``units`` mirrors the KV cache position by position
+(token ids and ``ImageRef``s), so ``prefill`` keeps the longest common prefix with a new prompt and
+evaluates only the rest; ``save_state`` / ``load_state`` move a prefix's KV state in and out
+(``llama_state_seq_get_data`` / ``set_data``) so another process can start from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from qwenvl_edge.errors import BundleError, PromptError
+from qwenvl_edge.runtime.prompt import ImageRef, Unit, n_positions
+
+SEQ = 0  # one sequence per context
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def quiet_stderr(enabled: bool):
+    """llama.cpp logs model loading to fd 2; keep the user's terminal clean unless verbose."""
+    if not enabled:
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def load_model(path: Path, *, vocab_only: bool = False, use_mmap: bool = False, repack: bool = True,
+               verbose: bool = False):
+    """A ``LlamaModel`` (vocab only: metadata and tokenizer in a fraction of a second)."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(verbose)  # llama.cpp's log (model load, context free) goes to stderr only when verbose
+    if not path.is_file():
+        raise BundleError(f"{path}: missing GGUF file")
+    params = LlamaModel.default_params()
+    params.vocab_only = vocab_only
+    # read, not mapped, by default: llama.cpp repacks the k-quant weights into its own buffers, and a
+    # mapping would keep the file's pages counted too (measured at full size: 8.6 -> 6.0 GB, same speed)
+    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap or vocab_only else llama_cpp.LLAMA_LOAD_MODE_NONE
+    params.use_extra_bufts = repack
+    try:
+        with quiet_stderr(not verbose):
+            return LlamaModel(path_model=str(path), params=params, verbose=verbose)
+    except (ValueError, RuntimeError) as e:
+        raise BundleError(f"{path}: llama.cpp cannot load it ({e})") from None
+
+
+class Tokenizer:
+    """Text <-> ids with a model's vocabulary (a vocab-only model before the decoder loads)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, text: str) -> list[int]:
+        """Ordinary text -> ids; anything that spells a special token stays plain text."""
+        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token, special tokens (grounding tags) spelled out."""
+        import llama_cpp
+
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:max(n, 0)]
+
+    def metadata(self) -> dict[str, str]:
+        return self.model.metadata()
+
+
+class Decoder:
+    """One llama.cpp model + context; ``units`` is what its KV cache holds."""
+
+    def __init__(self, gguf_path: Path, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512,
+                 verbose: bool = False, use_mmap: bool = False, repack: bool = True):
+        import llama_cpp
+        from llama_cpp._internals import LlamaBatch, LlamaContext
+
+        self._llama_cpp = llama_cpp
+        self._stack = contextlib.ExitStack()
+        self.path = Path(gguf_path)
+        self.model = self._stack.enter_context(contextlib.closing(
+            load_model(self.path, use_mmap=use_mmap, repack=repack, verbose=verbose)))
+        threads = n_threads or default_threads()
+        n_batch = min(n_batch, n_ctx)
+        params = LlamaContext.default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
+        params.n_threads = params.n_threads_batch = threads
+        # off, as the golden parity was measured: flash attention reorders sums and flips near-ties
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.no_perf = True
+        try:
+            with quiet_stderr(not verbose):
+                self.ctx = self._stack.enter_context(contextlib.closing(
+                    LlamaContext(model=self.model, params=params, verbose=verbose)))
+        except ValueError as e:
+            self.close()
+            raise BundleError(f"{self.path}: llama.cpp cannot make a context of {n_ctx} positions ({e})") from None
+        self.n_ctx = self.ctx.n_ctx()
+        self.n_batch = n_batch
+        self.n_vocab = self.model.n_vocab()
+        self.n_embd = llama_cpp.llama_model_n_embd_inp(self.model.model)
+        self._tokens = self._stack.enter_context(contextlib.closing(LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1)))
+        self._rows = self._stack.enter_context(contextlib.closing(
+            LlamaBatch(n_tokens=n_batch, embd=self.n_embd, n_seq_max=1)))
+        self._embd = np.ctypeslib.as_array(self._rows.batch.embd, shape=(n_batch * self.n_embd,))
+        self.tokenizer = Tokenizer(self.model)
+        self.units: list[Unit] = []  # what the KV cache holds, in order
+        self.n_evaluated = 0  # positions decoded since load: tells tests what a turn re-used
+
+    # --- the KV prefix ---------------------------------------------------------------------
+
+    @property
+    def n_past(self) -> int:
+        return n_positions(self.units)
+
+    def keep(self, n_units: int) -> None:
+        """Forget everything after the first ``n_units`` units."""
+        if n_units < len(self.units):
+            self.ctx.kv_cache_seq_rm(SEQ, n_positions(self.units[:n_units]), -1)
+            self.units = self.units[:n_units]
+
+    def common_prefix(self, units: Sequence[Unit]) -> int:
+        """How many leading units of ``units`` the KV cache already holds."""
+        keep = 0
+        for have, want in zip(self.units, units, strict=False):
+            if have != want:
+                break
+            keep += 1
+        return keep
+
+    def prefill(self, units: Sequence[Unit], rows: Callable[[ImageRef], np.ndarray]) -> int:
+        """Bring the KV cache to ``units`` (keeping the common prefix) with logits for the last one.
+
+        Returns the positions re-used. ``rows(ref)`` gives an image's rows when it must be evaluated.
+        """
+        keep = self.common_prefix(units)
+        if keep == len(units):  # identical prompt: re-evaluate the last unit to get its logits
+            keep -= 1
+        self.keep(keep)
+        reused = self.n_past
+        run: list[int] = []
+        for unit in units[keep:]:
+            if isinstance(unit, ImageRef):
+                self.eval_tokens(run)
+                run = []
+                self.eval_rows(unit, rows(unit))
+            else:
+                run.append(unit)
+        self.eval_tokens(run)
+        return reused
+
+    def _check_room(self, n: int, what: str) -> None:
+        if self.n_past + n > self.n_ctx:
+            raise PromptError(f"{what} needs positions {self.n_past}..{self.n_past + n - 1} but the context "
+                              f"holds {self.n_ctx} (use a larger n_ctx, fewer images or a shorter prompt)")
+
+    # --- decoding --------------------------------------------------------------------------
+
+    def _decode(self, batch, n: int, start: int, logits: bool) -> None:
+        """Decode the first ``n`` entries of ``batch`` at positions ``start..``; logits for the last if asked."""
+        raw = batch.batch  # the llama_batch struct, filled in place (allocated once)
+        raw.n_tokens = n
+        for i in range(n):
+            raw.pos[i] = start + i
+            raw.n_seq_id[i] = 1
+            raw.seq_id[i][0] = SEQ
+            raw.logits[i] = False
+        raw.logits[n - 1] = logits
+        rc = self._llama_cpp.llama_decode(self.ctx.ctx, raw)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} at position {start}")
+        self.n_evaluated += n
+
+    def eval_tokens(self, tokens: Sequence[int]) -> None:
+        """Decode ``tokens`` at ``n_past``; logits are kept for the last one only."""
+        if not tokens:
+            return
+        self._check_room(len(tokens), f"{len(tokens)} tokens")
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        self.ctx.kv_cache_seq_rm(SEQ, self.n_past, -1)  # what a failed call may have left past the mirror
+        ids = self._tokens.batch.token
+        for start in range(0, len(tokens), self.n_batch):
+            piece = tokens[start:start + self.n_batch]
+            for i, tok in enumerate(piece):
+                ids[i] = tok
+            self._decode(self._tokens, len(piece), self.n_past, start + len(piece) == len(tokens))
+            self.units.extend(piece)
+
+    def eval_rows(self, ref: ImageRef, rows: np.ndarray) -> None:
+        """Decode one image's rows ``(n, n_embd)`` float32 at ``n_past``, in pieces of at most ``n_batch``."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape != (ref.n_rows, self.n_embd):
+            raise BundleError(f"image rows are {list(rows.shape)}, the GGUF decoder takes [{ref.n_rows}, "
+                              f"{self.n_embd}]: vision.onnx and llm.gguf come from different checkpoints")
+        self._check_room(len(rows), f"an image ({len(rows)} rows)")
+        start_pos = self.n_past
+        self.ctx.kv_cache_seq_rm(SEQ, start_pos, -1)
+        for start in range(0, len(rows), self.n_batch):
+            piece = rows[start:start + self.n_batch]
+            self._embd[:piece.size] = piece.reshape(-1)
+            self._decode(self._rows, len(piece), start_pos + start, start + len(piece) == len(rows))
+        self.units.append(ref)
+
+    # --- reading out -----------------------------------------------------------------------
+
+    def last_logits(self) -> np.ndarray:
+        """A copy of the logits of the last decoded position that asked for them, ``(n_vocab,)``."""
+        ptr = self.ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def make_sampler(self, temperature: float, top_p: float, top_k: int, seed: int):
+        """llama.cpp's own sampler chain: greedy at temperature 0, else top-k/top-p/temperature."""
+        from llama_cpp._internals import LlamaSampler
+
+        sampler = LlamaSampler()
+        if temperature <= 0:
+            sampler.add_greedy()
+            return sampler
+        if top_k > 0:
+            sampler.add_top_k(top_k)
+        if top_p < 1.0:
+            sampler.add_top_p(top_p, 1)
+        sampler.add_temp(temperature)
+        sampler.add_dist(seed)
+        return sampler
+
+    def sample(self, sampler) -> int:
+        token = sampler.sample(self.ctx, -1)
+        sampler.accept(token)
+        return token
+
+    # --- prefix states ---------------------------------------------------------------------
+
+    def save_state(self) -> np.ndarray:
+        """The KV state of what the cache holds, as bytes (``llama_state_seq_get_data``)."""
+        size = self._llama_cpp.llama_state_seq_get_size(self.ctx.ctx, SEQ)
+        out = np.empty(size, dtype=np.uint8)
+        written = self._llama_cpp.llama_state_seq_get_data(
+            self.ctx.ctx, out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, SEQ)
+        return out[:written]
+
+    def load_state(self, state: np.ndarray, units: Sequence[Unit]) -> bool:
+        """Replace the cache with a saved state of ``units``; False (cache empty) if llama.cpp refuses it."""
+        self.keep(0)
+        self.ctx.kv_cache_seq_rm(SEQ, -1, -1)
+        state = np.ascontiguousarray(state, dtype=np.uint8)
+        read = self._llama_cpp.llama_state_seq_set_data(
+            self.ctx.ctx, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), state.size, SEQ)
+        if read == 0 or self._max_pos() != n_positions(units) - 1:
+            self.ctx.kv_cache_seq_rm(SEQ, -1, -1)
+            return False
+        self.units = list(units)
+        return True
+
+    def _max_pos(self) -> int:
+        return self._llama_cpp.llama_memory_seq_pos_max(self.ctx.memory, SEQ)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
