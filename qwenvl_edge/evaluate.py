@@ -27,6 +27,7 @@ from PIL import Image
 from qwenvl_edge import task_images
 from qwenvl_edge.errors import QwenVLError
 from qwenvl_edge.runtime.bundle import Bundle
+from qwenvl_edge.runtime.preprocess import read_image
 from qwenvl_edge.runtime.prompt import ImageRef, PromptBuilder, Turn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -47,9 +48,8 @@ class Item:
     def correct(self, text: str) -> bool | None:
         if self.answer is None:
             return None
-        from qwenvl_edge.runtime.pipeline import display_size
-
-        return task_images.is_right(self.answer, self.box, text, display_size(self.image))
+        size = self.image.size if isinstance(self.image, Image.Image) else read_image(self.image).size
+        return task_images.is_right(self.answer, self.box, text, size)
 
 
 def synthetic_items(n: int, seed: int) -> list[Item]:
@@ -104,31 +104,23 @@ class TeacherForced:
     """A bundle's decoder fed given image rows and a given answer: its logits at every answer position."""
 
     def __init__(self, bundle: Bundle, n_threads: int | None):
-        from qwenvl_edge.runtime.llm import LlamaRunner
+        from qwenvl_edge.runtime.decoder import Decoder
 
-        self.llm = LlamaRunner(bundle.llm_path, n_ctx=2048, n_threads=n_threads)
-        self.prompts = PromptBuilder(bundle.model, self.llm.tokenize_plain)
+        self.decoder = Decoder(bundle.llm_path, n_ctx=2048, n_threads=n_threads)
+        self.prompts = PromptBuilder(bundle.model, self.decoder.tokenizer)
 
     def logits(self, question: str, rows: np.ndarray, answer: Sequence[int]) -> np.ndarray:
         """[len(answer) + 1, vocab]: after the prompt, then after each answer token."""
-        self.llm.truncate(0)
-        text: list[int] = []
-        for unit in self.prompts.build(Turn(question, (ImageRef("rows"),))):
-            if isinstance(unit, ImageRef):
-                self.llm.eval_tokens(text)
-                self.llm.eval_embeddings(rows)
-                text = []
-            else:
-                text.append(unit)
-        self.llm.eval_tokens(text)
-        out = [self.llm.last_logits()]
+        self.decoder.keep(0)
+        self.decoder.prefill(self.prompts.build(Turn(question, (ImageRef("rows"),))), lambda _ref: rows)
+        out = [self.decoder.last_logits()]
         for token in answer:
-            self.llm.eval_tokens([token])
-            out.append(self.llm.last_logits())
+            self.decoder.eval_tokens([token])
+            out.append(self.decoder.last_logits())
         return np.stack(out)
 
     def close(self) -> None:
-        self.llm.close()
+        self.decoder.close()
 
 
 def _accuracy(items: Sequence[Item], answers: Sequence[tuple[str, list[int]]]) -> dict[str, dict]:

@@ -176,7 +176,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                         help="the tiny model's colour / sign / grounding images (default)")
     p.add_argument("--n", type=int, default=40, help="synthetic images per task")
     p.add_argument("--seed", type=int, default=1, help="seed of the synthetic images")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: $QWENVL_EDGE_THREADS, else every usable core)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
