@@ -159,8 +159,13 @@ FORMATS: dict[str, tuple[str, str, str, Callable]] = {
 
 def write_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, fmt: str = "safetensors",
                      shard_bytes: int | None = 2000 * 2**20, tiktoken: Path | None = None,
-                     overrides: dict | None = None, progress: Callable[[str], None] | None = None) -> Path:
-    """Write a checkpoint folder; ``shard_bytes=None`` writes one unsharded weight file."""
+                     overrides: dict | None = None, progress: Callable[[str], None] | None = None,
+                     tensors: Callable[[str, tuple[int, ...]], np.ndarray] | None = None) -> Path:
+    """Write a checkpoint folder; ``shard_bytes=None`` writes one unsharded weight file.
+
+    ``tensors(name, shape)`` gives float32 values in place of the random recipe (the tiny
+    trained model's weights come through it).
+    """
     if fmt not in FORMATS:
         raise QwenVLError(f"unknown format {fmt!r}; choose safetensors or bin")
     cfg_dict = make_config(preset, overrides)
@@ -177,7 +182,8 @@ def write_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, fmt: str = 
     plan = plan_shards(shapes, shard_bytes) if shard_bytes else [list(shapes)]
 
     def make_bits(name: str) -> np.ndarray:
-        return f32_to_bf16_bits(make_tensor(name, shapes[name], seed))
+        values = tensors(name, shapes[name]) if tensors else make_tensor(name, shapes[name], seed)
+        return f32_to_bf16_bits(values)
 
     weight_map: dict[str, str] = {}
     for k, names in enumerate(plan, 1):

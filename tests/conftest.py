@@ -114,3 +114,23 @@ def narrow_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def narrow_bundle(narrow_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle of another checkpoint (hidden 128): its parts must not mix with the tiny bundle's."""
     return export_for_tests(narrow_ckpt, tmp_path_factory.mktemp("bundle") / "narrow", "fp32", "F32")
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny trained Qwen-VL, rebuilt from its shipped weights (export/data/tiny_trained.npz)."""
+    from qwenvl_edge.export.tiny_trained import write_tiny_trained
+
+    return write_tiny_trained(tmp_path_factory.mktemp("ckpt") / "trained")
+
+
+@pytest.fixture(scope="session")
+def trained_f32_bundle(trained_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained model's float reference bundle: FP32 vision, F32 LLM."""
+    return export_for_tests(trained_ckpt, tmp_path_factory.mktemp("bundle") / "trained_f32", "fp32", "F32")
+
+
+@pytest.fixture(scope="session")
+def trained_default_bundle(trained_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained model exported with the defaults: INT8 vision, Q4_K_M LLM."""
+    return export_for_tests(trained_ckpt, tmp_path_factory.mktemp("bundle") / "trained_default", "int8", "Q4_K_M")

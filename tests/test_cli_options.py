@@ -58,7 +58,7 @@ def test_run_usage_names_one_question() -> None:
 
 def test_demo_offers_only_options_it_uses() -> None:
     options = {o for a in subparsers()["demo"]._actions for o in a.option_strings}
-    assert not options & {"--bundle", "--temperature", "--top-p", "--greedy", "--seed", "--json", "--draw"}
+    assert not options & {"--bundle", "--temperature", "--top-p", "--greedy", "--seed", "--json"}
 
 
 def test_llm_type_any_case() -> None:

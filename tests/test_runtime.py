@@ -214,10 +214,3 @@ def test_old_turns_are_dropped_to_fit(f32_bundle: Path, golden) -> None:
         keys = [u.key for u in units if isinstance(u, ImageRef)]
         assert len(keys) == 2 and keys[0] == "b"  # the oldest turn went first, the newest stayed
         assert n_positions(units) <= 768
-
-
-def test_demo_command(tmp_path: Path, capsys) -> None:
-    rc, out, err = run_cli(["demo", "--dir", str(tmp_path), "--llm", "Q8_0", "--no-cache"], capsys)
-    assert rc == 0, err
-    assert out.strip() and "meaningless" in err and "tok/s" in err
-    assert (tmp_path / "tiny-bundle" / "manifest.json").is_file() and (tmp_path / "demo-boxes.png").is_file()

@@ -154,16 +154,35 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 
 @command("demo", _body("demo"))
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    """Build a tiny random checkpoint, export it, and answer one question: the whole path, no download."""
+    """Rebuild the tiny trained Qwen-VL from its shipped weights, export it, and ask it its three tasks."""
     p.add_argument("--dir", type=Path, default=default_demo_dir(),
                    help="where the demo writes its checkpoint, bundle and pictures")
-    p.add_argument("--question", default="What is written on the sign? Find <ref>the red circle</ref>.",
-                   help="the question asked about the demo picture")
+    p.add_argument("--question", default=None, help="ask this about each demo picture instead of its task question")
+    p.add_argument("--draw", type=Path, default=None, metavar="PNG",
+                   help="the grounding answer's box drawn on its picture (default: DIR/demo-grounding-box.png)")
     p.add_argument("--llm", type=llm_type, default="Q4_K_M", metavar="TYPE", help="llama.cpp type of llm.gguf")
     p.add_argument("--rebuild", action="store_true", help="build the checkpoint and bundle again")
     _model_args(p, bundle=False)  # the demo answers with the bundle it builds
-    p.set_defaults(max_tokens=32, greedy=True, keep_vision=False, temperature=0.0, top_p=None, seed=0,
-                   batch=None, json=False, draw=None)
+    p.set_defaults(max_tokens=48, greedy=True, keep_vision=False, temperature=0.0, top_p=None, seed=0,
+                   batch=None, json=False)
+
+
+@command("eval", _body("eval"))
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    """Quality report of a bundle against its float reference: vision rows, next-token KL, task accuracy."""
+    p.add_argument("bundle", type=Path, help="the bundle to judge (e.g. the default INT8 + Q4_K_M export)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="its float reference bundle (FP32 vision, F32 LLM); without it only task accuracy")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--images", type=Path, default=None,
+                        help="a folder of images (questions and answers from its questions.json, if any)")
+    source.add_argument("--task", choices=["synthetic"], default="synthetic",
+                        help="the tiny model's colour / sign / grounding images (default)")
+    p.add_argument("--n", type=int, default=40, help="synthetic images per task")
+    p.add_argument("--seed", type=int, default=1, help="seed of the synthetic images")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: $QWENVL_EDGE_THREADS, else every usable core)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
 @command("verify", _body("verify"))
