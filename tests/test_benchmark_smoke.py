@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,6 +17,7 @@ REQUIRED = ["decode_ratio_vs_text", "prefill_ratio_vs_text", "vision_int8_speedu
             "export_s", "export_disk_peak_gb"]
 
 
+@pytest.mark.long
 def test_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "benchmarks.run_benchmarks", "--preset", "tiny", "--runs", "1",
                     "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")], cwd=REPO, check=True,

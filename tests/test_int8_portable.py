@@ -90,6 +90,7 @@ def haswell_rows(models, pixels: Path) -> dict[str, np.ndarray]:
     return {p: np.load(p + ".rows.npy") for p in paths}
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_default_int8_rows_on_avx2(name: str, models, pixels: Path, haswell_rows) -> None:
     reference = encode(models[name]["fp32"], pixels)
@@ -101,6 +102,7 @@ def test_default_int8_rows_on_avx2(name: str, models, pixels: Path, haswell_rows
     assert compare_rows(encode(models[name]["int8"], pixels), emulated)["cosine_min"] >= 0.99995
 
 
+@pytest.mark.long
 def test_emulation_reaches_the_saturating_kernel(models, pixels: Path, haswell_rows) -> None:
     """The check above can fail: the int8-weight scheme does lose accuracy on the emulated AVX2 CPU."""
     emulated = compare_rows(encode(models["tiny_ckpt"]["fp32"], pixels), haswell_rows[str(models["tiny_ckpt"]["s8"])])

@@ -332,6 +332,7 @@ def test_other_checkpoint_sizes(core_lib: ctypes.CDLL, tmp_path: Path, odd_ckpt:
         native.close()
 
 
+@pytest.mark.long
 def test_sanitizer_build_passes(test_data: Path):
     """The native tests once more with ASan + UBSan in our code: catches memory errors the normal run hides."""
     build_dir = build_native(BUILD_ROOT / "asan", "-DQWENVL_SANITIZE=ON")

@@ -12,6 +12,8 @@ import pytest
 
 from tests.server_harness import ServerProcess, require_tool
 
+pytestmark = pytest.mark.long  # its own step of .ci/run (python -m pytest -m long)
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 SHOT = ARTIFACTS / "server-page.png"
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

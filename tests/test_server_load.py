@@ -18,6 +18,8 @@ import pytest
 from tests.server_harness import ServerProcess, data_uri
 from tests.test_server import MODEL, case_messages, user
 
+pytestmark = pytest.mark.long  # its own step of .ci/run (python -m pytest -m long)
+
 CLIENTS = 16
 ROUNDS = 5
 RSS_GROWTH_LIMIT = 64 * 2**20
