@@ -7,6 +7,12 @@ The stages live in their own folders and install as subpackages:
 
 from __future__ import annotations
 
+import os
+
+# onnxruntime writes a device id and an event database into the user's cache at import unless told not
+# to; set before any room (runtime or export/quant) imports it.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from qwenvl_edge.errors import QwenVLError
 
 __version__ = "0.1.0"

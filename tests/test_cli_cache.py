@@ -37,9 +37,23 @@ def test_cache_shows_what_run_wrote_and_clear_keeps_the_rest(f32_bundle: Path, g
     rc, out, _ = run_cli(["cache", "clear"], capsys)
     assert rc == 0 and "rows: removed 0 entries" in out and "prefix: removed" in out
     rc, out, _ = run_cli(["cache"], capsys)
-    assert rc == 0 and out.count(" 0 entries") == 2
+    assert rc == 0 and out.count(" 0 entries") == 3
 
 
 def test_cache_unknown_kind(capsys) -> None:
     rc, _, err = run_cli(["cache", "clear", "--kind", "everything"], capsys)
     assert rc == 2 and "--kind 'everything'" in err and "rows or prefix" in err
+
+
+def test_cache_shows_and_clears_export_resume_folders(capsys) -> None:
+    from qwenvl_edge.export_stages import export_cache_root
+
+    stage = export_cache_root() / "0123abcd-int8-Q4_K_M" / "vision_fp32"
+    stage.mkdir(parents=True)
+    (stage / "vision_fp32.onnx").write_bytes(b"x" * 4096)
+    rc, out, _ = run_cli(["cache", "--kind", "export"], capsys)
+    [line] = [line for line in out.splitlines() if line.startswith("export ")]
+    assert rc == 0 and " 1 entries" in line and "4.0 KiB" in line
+    rc, out, _ = run_cli(["cache", "clear"], capsys)
+    assert rc == 0 and "export: removed 1 folders (4.0 KiB)" in out
+    assert not any(export_cache_root().iterdir())

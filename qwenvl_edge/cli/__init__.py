@@ -193,7 +193,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 @command("cache", _body("cache"))
 def _cache_args(p: argparse.ArgumentParser) -> None:
-    """Show the on-disk cache (image rows, prefix states) and its size per kind, or clear it."""
+    """Show the on-disk cache (image rows, prefix states, export resume folders) and its size per kind, or clear it."""
     p.add_argument("action", nargs="?", choices=["show", "clear"], default="show",
                    help="show: location and size per kind; clear: delete the cached entries")
     p.add_argument("--kind", action="append", default=None,

@@ -12,6 +12,7 @@ from qwenvl_edge.errors import OptionError
 KINDS = {
     "rows": "image rows: 256 vision rows per photo and vision model (~4 MiB per photo at full size)",
     "prefix": "KV prefix states: the decoder's cache after a prompt's shared start (system prompt, images)",
+    "export": "export resume folders: finished stages of an interrupted export (removed when it succeeds)",
 }
 
 
@@ -28,6 +29,15 @@ def open_store():
     from qwenvl_edge.runtime.store import Store, default_store_dir
 
     return Store(default_store_dir())
+
+
+def export_folders_size() -> tuple[int, int]:
+    """(resume folders, bytes) under the export cache (``export_stages``), which the store does not own."""
+    from qwenvl_edge.export_stages import export_cache_root
+
+    root = export_cache_root()
+    folders = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    return len(folders), sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
 
 
 def human(n: float) -> str:

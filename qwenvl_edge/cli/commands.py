@@ -236,12 +236,18 @@ def cmd_cache(a: argparse.Namespace) -> int:
     store = cache.open_store()
     if a.action == "clear":
         for kind in kinds:
+            if kind == "export":
+                from qwenvl_edge.export_stages import clear_export_cache
+
+                size = cache.export_folders_size()[1]
+                print(f"{kind}: removed {clear_export_cache()} folders ({cache.human(size)})")
+                continue
             size = store.size(kind)[1]
             print(f"{kind}: removed {store.clear(kind)} entries ({cache.human(size)})")
         return 0
     print(f"cache folder: {store.folder} (at most {cache.human(store.max_bytes)}, least recently used go first)")
     for kind in kinds:
-        entries, size = store.size(kind)
+        entries, size = cache.export_folders_size() if kind == "export" else store.size(kind)
         print(f"{kind:<7} {entries:6d} entries {cache.human(size):>10}  {cache.KINDS[kind]}")
     return 0
 
