@@ -35,6 +35,7 @@ from tiktoken.load import load_tiktoken_bpe
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import decoder_hidden, vision  # noqa: E402
 
+from qwenvl_edge import contract as C  # noqa: E402
 from qwenvl_edge import task_images as T  # noqa: E402
 from qwenvl_edge.export.config import QwenConfig  # noqa: E402
 from qwenvl_edge.export.synthetic_checkpoint import find_tiktoken, make_config, make_tensor, sincos_2d  # noqa: E402
@@ -154,7 +155,8 @@ class Trainer:
         self.args = args
         self.cfg = QwenConfig.from_dict(make_config("tiny", OVERRIDES))
         self.prompts = Prompts(ModelInfo(hidden_size=self.cfg.hidden_size, vocab_size=self.cfg.vocab_size,
-                                         seq_length=2048, image_size=448, n_queries=256, image_start_id=151857))
+                                         seq_length=2048, image_size=C.IMAGE_SIZE, n_queries=C.N_QUERIES,
+                                         image_start_id=C.IMAGE_START_ID))
         self.trained = used_ids(self.prompts)
         self.local = {t: i for i, t in enumerate(self.trained)}
         shapes = self.cfg.tensor_shapes()
