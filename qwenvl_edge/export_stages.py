@@ -23,10 +23,10 @@ from typing import Any
 
 from qwenvl_edge.errors import QwenVLError
 from qwenvl_edge.export_target import partial_name, sweep_stale
+from qwenvl_edge.runtime.bundle import file_entry
 
 RECORDS = "stages.json"
 LOCK = "lock"
-HASH_BLOCK = 1 << 24
 
 
 def export_cache_root() -> Path:
@@ -41,17 +41,6 @@ def clear_export_cache() -> int:
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
     return len(folders)
-
-
-def file_digest(path: Path) -> dict[str, Any]:
-    """Size and sha256, streamed in 16 MiB blocks; the pages read are dropped from the page cache after."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(HASH_BLOCK), b""):
-            digest.update(block)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def job_fingerprint(checkpoint_files: list[Path], options: dict[str, Any]) -> str:
@@ -111,7 +100,7 @@ class StageCache:
             if record.get("dropped"):
                 break
             path = self.folder / file
-            if not path.is_file() or path.stat().st_size != entry["bytes"] or file_digest(path) != entry:
+            if not path.is_file() or path.stat().st_size != entry["bytes"] or file_entry(path) != entry:
                 self.say(f"resume: {file} does not match its record; redoing stage {name}")
                 self.forget(name)
                 return None
@@ -147,7 +136,7 @@ class StageCache:
         started = time.monotonic()
         try:
             report = make(work)
-            files = {p.name: file_digest(p) for p in sorted(work.iterdir()) if p.is_file()}
+            files = {p.name: file_entry(p) for p in sorted(work.iterdir()) if p.is_file()}
             for file in files:
                 os.replace(work / file, self.folder / file)
         finally:
