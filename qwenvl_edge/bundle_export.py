@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -217,10 +216,8 @@ class Exporter:
             llm["quality"] = self.records["llm_quality"]["report"]
         source = {"checkpoint": str(Path(checkpoint).resolve()), "config": self.reader.config.to_dict(),
                   "weight_files": [p.name for p in self.reader.files]}
-        with tempfile.TemporaryDirectory(dir=work) as empty:  # the manifest's frame; its files come from the records
-            manifest = make_manifest(Path(empty), model_info(self.reader), vision, llm, source,
-                                     f"qwenvl-edge {__version__}")
-        manifest["files"] = dict(sorted(files.items()))
+        manifest = make_manifest(work, model_info(self.reader), vision, llm, source, f"qwenvl-edge {__version__}",
+                                 files=files)
         manifest["export"] = {
             "stages": {name: {"seconds": r["seconds"], "reused": name in self.cache.reused}
                        for name, r in self.records.items()},

@@ -133,9 +133,13 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 
 def make_manifest(folder: Path, model: ModelInfo, vision: dict[str, Any], llm: dict[str, Any],
-                  source: dict[str, Any], created_by: str) -> dict[str, Any]:
-    """The manifest of a finished bundle folder: every file in it, with sizes and checksums."""
-    files = {p.name: file_entry(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+                  source: dict[str, Any], created_by: str,
+                  files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The manifest of a finished bundle folder: every file in it, with sizes and checksums (``files`` when
+    the caller already has them, as the export does from its stage records; else hashed from ``folder``)."""
+    if files is None:
+        files = {p.name: file_entry(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = dict(sorted(files.items()))
     return {"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "created_by": created_by,
             "model": asdict(model), "vision": vision, "llm": llm, "files": files, "source": source}
 
