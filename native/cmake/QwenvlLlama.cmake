@@ -1,8 +1,10 @@
 # Provides the target qwenvl::llama: the llama.cpp library the native core links.
 #
 # Two ways, chosen by LLAMA_CPP_DIR:
-#   - LLAMA_CPP_DIR set (the Android build): a llama.cpp source folder, built here with
+#   - LLAMA_CPP_DIR set (the Android and ARM64 builds): a llama.cpp source folder, built here with
 #     add_subdirectory; use a checkout of the version llama-cpp-python pins (see native/README.md).
+#     QWENVL_CPU_VARIANTS=ON builds its CPU kernels as run-time selected variants
+#     (native/cmake/QwenvlCpuVariants.cmake).
 #   - LLAMA_CPP_DIR empty (a host build): the libllama shipped inside the llama-cpp-python wheel of
 #     this Python, so the native core runs exactly the llama.cpp the Python runtime runs. The wheel
 #     has no headers: they come from the same version's sdist, fetched once into a cache folder by
@@ -12,6 +14,7 @@
 set(LLAMA_CPP_DIR "" CACHE PATH "llama.cpp source folder to build from (empty: link llama-cpp-python's libllama)")
 set(QWENVL_LLAMA_INCLUDE_DIRS "" CACHE STRING "llama.h and ggml.h folders (empty: fetched from the sdist)")
 set(QWENVL_LLAMA_CACHE "" CACHE PATH "where fetched llama.cpp headers are kept (empty: ~/.cache/qwenvl-edge)")
+option(QWENVL_CPU_VARIANTS "with LLAMA_CPP_DIR: llama.cpp's CPU kernels as variants chosen at run time" OFF)
 
 function(qwenvl_fail what)
   message(FATAL_ERROR "${what}")
@@ -27,6 +30,9 @@ if(LLAMA_CPP_DIR)
   set(LLAMA_BUILD_EXAMPLES OFF CACHE BOOL "" FORCE)
   set(LLAMA_BUILD_SERVER OFF CACHE BOOL "" FORCE)
   set(LLAMA_CURL OFF CACHE BOOL "" FORCE)
+  if(QWENVL_CPU_VARIANTS)
+    include("${CMAKE_CURRENT_LIST_DIR}/QwenvlCpuVariants.cmake")
+  endif()
   add_subdirectory("${LLAMA_CPP_DIR}" "${CMAKE_BINARY_DIR}/llama.cpp" EXCLUDE_FROM_ALL)
   # their headers are system headers for our code: our warnings are not theirs
   foreach(_target llama ggml ggml-base)
@@ -39,6 +45,11 @@ if(LLAMA_CPP_DIR)
   endforeach()
   add_library(qwenvl::llama ALIAS llama)
   set(QWENVL_LLAMA_ORIGIN "source ${LLAMA_CPP_DIR}")
+  if(QWENVL_CPU_VARIANTS)
+    get_property(_variants GLOBAL PROPERTY QWENVL_CPU_VARIANTS)
+    string(REPLACE ";" ", " _variants "${_variants}")
+    string(APPEND QWENVL_LLAMA_ORIGIN ", CPU variants: ${_variants}")
+  endif()
   return()
 endif()
 

@@ -1,0 +1,28 @@
+# CMake toolchain file: cross-compile for aarch64 Linux with Debian's cross toolchain
+# (apt-get install g++-aarch64-linux-gnu), run the test binaries with qemu-user.
+#
+#   cmake -S . -B native-build/arm64 -DCMAKE_TOOLCHAIN_FILE=native/cmake/aarch64-linux-gnu.cmake \
+#         -DLLAMA_CPP_DIR=<llama.cpp source> -DQWENVL_CPU_VARIANTS=ON
+#
+# Our code is built for the armv8-a baseline (the compiler's default); llama.cpp's CPU kernels come
+# as run-time selected variants (native/cmake/QwenvlCpuVariants.cmake). ctest runs the test binaries
+# through CMAKE_CROSSCOMPILING_EMULATOR (qemu-aarch64 with the cross sysroot); the emulated CPU is
+# chosen with the QEMU_CPU environment variable (cortex-a76, max, ...), which qemu-user reads itself.
+set(CMAKE_SYSTEM_NAME Linux)
+set(CMAKE_SYSTEM_PROCESSOR aarch64)
+
+set(QWENVL_CROSS_PREFIX "aarch64-linux-gnu-" CACHE STRING "prefix of the cross compiler's tools")
+set(QWENVL_CROSS_SYSROOT "/usr/aarch64-linux-gnu" CACHE PATH "the target's libc and libstdc++ (Debian's cross packages)")
+set(CMAKE_C_COMPILER "${QWENVL_CROSS_PREFIX}gcc")
+set(CMAKE_CXX_COMPILER "${QWENVL_CROSS_PREFIX}g++")
+
+set(CMAKE_FIND_ROOT_PATH "${QWENVL_CROSS_SYSROOT}")
+set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
+set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
+
+find_program(QWENVL_QEMU_AARCH64 qemu-aarch64)
+if(QWENVL_QEMU_AARCH64)
+  set(CMAKE_CROSSCOMPILING_EMULATOR "${QWENVL_QEMU_AARCH64};-L;${QWENVL_CROSS_SYSROOT}")
+endif()
