@@ -99,9 +99,9 @@ def test_repacked_q4_0_answers_as_on_x86(arm64_run: str, arm64_data: Path):
     try:
         n_vocab = llm.n_vocab()
         prompt = [(1000 + 7919 * i) % n_vocab for i in range(40)]  # qwenvl_cpu_probe's fixed prompt
-        first, rest = greedy(llm, prompt, PROBE_TOKENS - 1)
+        _, ids = greedy(llm, prompt, PROBE_TOKENS)
     finally:
         llm.close()
-    x86 = " ".join(map(str, [int(first.argmax()), *rest]))
+    x86 = " ".join(map(str, ids))
     for cpu in CPUS:
         assert probe(arm64_run, cpu)["greedy"] == x86, (cpu, probe(arm64_run, cpu))
