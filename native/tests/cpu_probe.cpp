@@ -18,7 +18,6 @@
 #include <string>
 #include <vector>
 
-#include "ggml-backend.h"
 #include "llama.h"
 
 namespace {
