@@ -133,7 +133,8 @@ def host_build() -> Path:
 # --- ctypes over the C API ------------------------------------------------------------------------
 
 class OpenParams(ctypes.Structure):
-    _fields_ = [("n_ctx", ctypes.c_int32), ("n_threads", ctypes.c_int32), ("n_batch", ctypes.c_int32)]
+    _fields_ = [("n_ctx", ctypes.c_int32), ("n_threads", ctypes.c_int32), ("n_batch", ctypes.c_int32),
+                ("kv_type", ctypes.c_int32), ("use_mmap", ctypes.c_int32)]
 
 
 class GenerateParams(ctypes.Structure):
@@ -171,7 +172,7 @@ class NativeCore:
     def __init__(self, lib: ctypes.CDLL, gguf: Path, n_ctx: int = 1024, n_batch: int = 512):
         self.lib = lib
         self.session = ctypes.c_void_p()
-        params = OpenParams(n_ctx, 2, n_batch)
+        params = OpenParams(n_ctx, 2, n_batch, 0, 1)
         self._check(lib.qwenvl_open(str(gguf).encode(), ctypes.byref(params), ctypes.byref(self.session)))
         info = Info()
         self._check(lib.qwenvl_get_info(self.session, ctypes.byref(info)))
