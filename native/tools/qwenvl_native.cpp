@@ -32,6 +32,7 @@ using Clock = std::chrono::steady_clock;
 const char* const kUsage =
     "usage: qwenvl-native run BUNDLE [IMAGE...] QUESTION [--greedy] [--max-tokens N] [--temperature T]\n"
     "                         [--seed N] [--threads N] [--ctx N] [--kv f16|q8_0] [--no-mmap] [--stats] [-v]\n"
+    "                         [--rows-out FILE] [--vision-only]\n"
     "\n"
     "Answers QUESTION about the images with the bundle (a folder written by `qwenvl-edge export`), all in\n"
     "native code: image -> vision.onnx (ONNX Runtime) -> llm.gguf (llama.cpp). The answer is streamed to stdout.\n"
@@ -45,7 +46,9 @@ const char* const kUsage =
     "  --kv f16|q8_0     KV cache type (default f16; q8_0 halves its memory, the phone setting)\n"
     "  --no-mmap         read the GGUF into memory instead of mapping it\n"
     "  --stats           one JSON line of timings and peak memory on stderr at the end\n"
-    "  -v                llama.cpp's info log on stderr\n";
+    "  -v                llama.cpp's info log on stderr\n"
+    "  --rows-out FILE   also write the image rows, float32 little-endian [images, rows, width]\n"
+    "  --vision-only     stop after the vision step (with --rows-out: compare rows across machines)\n";
 
 struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;
@@ -65,6 +68,8 @@ struct Options {
     bool mmap = true;
     bool stats = false;
     bool verbose = false;
+    std::string rows_out;
+    bool vision_only = false;
 };
 
 long parse_int(const std::string& flag, const std::string& text, long low, long high) {
@@ -98,6 +103,8 @@ Options parse_args(int argc, char** argv) {
         else if (a == "--no-mmap") o.mmap = false;
         else if (a == "--stats") o.stats = true;
         else if (a == "-v" || a == "--verbose") o.verbose = true;
+        else if (a == "--rows-out") o.rows_out = value();
+        else if (a == "--vision-only") o.vision_only = true;
         else if (a == "--temperature") {
             const std::string t = value();
             char* end = nullptr;
@@ -283,6 +290,14 @@ std::vector<std::vector<float>> encode_images(const Options& o, const BundleFact
     return rows;
 }
 
+// Rows as raw float32 (the host's byte order: little-endian on x86-64 and aarch64 Linux).
+void write_rows(const std::string& path, const std::vector<std::vector<float>>& rows) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    for (const auto& r : rows) out.write(reinterpret_cast<const char*>(r.data()), static_cast<std::streamsize>(r.size() * sizeof(float)));
+    out.close();
+    if (!out) throw std::runtime_error(path + ": cannot write the rows");
+}
+
 int run(const Options& o) {
     const auto start = Clock::now();
     qwenvl_set_log_level(o.verbose ? 3 : 1);
@@ -292,6 +307,8 @@ int run(const Options& o) {
     std::vector<std::vector<float>> rows;
     if (!o.images.empty()) rows = encode_images(o, b, &n_rows, &n_embd, &vision_load_ms, &vision_ms);
     const long peak_after_vision = peak_rss_kb();
+    if (!o.rows_out.empty()) write_rows(o.rows_out, rows);
+    if (o.vision_only) return 0;
 
     const auto t_load = Clock::now();
     qwenvl_open_params params = qwenvl_open_default_params();
