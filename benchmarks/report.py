@@ -117,6 +117,26 @@ def ttft_rows(results: dict) -> list[str]:
     ]
 
 
+def native_rows(results: dict) -> list[str]:
+    """The phone path: ``qwenvl-native run`` (benchmarks/bench_native.py), x86-64 figures."""
+    native = results.get("native_phone")
+    if not native:
+        return []
+    lines = ["", f"## Phone path: `qwenvl-native run` at full size ({native['arch']} figures, not a phone)", "",
+             f"One image, {native['max_tokens']} greedy tokens, a fresh process each; the vision session (INT8 ONNX, "
+             "ONNX Runtime's C API) is freed before the decoder loads, the GGUF is mapped. Peak RSS counts the mapped "
+             f"GGUF's pages. Ratios against `default` of the same run; phone budget {native['phone_budget_gb']} GB.",
+             "",
+             "| configuration | GGUF | peak RSS | peak during vision | time to first token | decode | same answer |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in native["configs"].items():
+        lines.append(f"| {name} | {r['gguf_gb']:.2f} GB | {r['peak_rss_gb']:.2f} GB (x{r['peak_rss_ratio']:.2f})"
+                     f"{'' if r['fits_phone_budget'] else ' over budget'} | {r['peak_rss_vision_gb']:.2f} GB | "
+                     f"{r['ttft_s']:.1f} s (x{r['ttft_ratio']:.2f}) | {r['decode_tok_s']:.2f} tok/s "
+                     f"(x{r['decode_ratio']:.2f}) | {'yes' if r['same_answer_as_default'] else 'no'} |")
+    return lines
+
+
 def write_report(results: dict, folder: Path) -> None:
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot = plot_breakdown(results, folder / "time_breakdown.png")
@@ -153,6 +173,7 @@ def write_report(results: dict, folder: Path) -> None:
                      f"{r['peak_rss_over_gguf_gb']:.2f} GB |")
     lines += ttft_rows(results)
     lines += server_rows(results)
+    lines += native_rows(results)
     lines += ["", f"![time breakdown]({plot.name})", "", "## Export", "",
               f"Whole export: {e['wall_s']:.0f} s, peak RSS {e['peak_rss_gb']:.2f} GB"
               + (f"; inside a memory cgroup of {e['cgroup_limit_gb']:.2f} GB (8 GiB) its peak, page cache counted, "
