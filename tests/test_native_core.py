@@ -149,7 +149,7 @@ class NativeCore:
     def __init__(self, lib: ctypes.CDLL, gguf: Path, n_ctx: int = 1024, n_batch: int = 512):
         self.lib = lib
         self.session = ctypes.c_void_p()
-        params = OpenParams(n_ctx, 2, n_batch, 0, 1)
+        params = OpenParams(n_ctx, 2, n_batch, 0, 0)
         self._check(lib.qwenvl_open(str(gguf).encode(), ctypes.byref(params), ctypes.byref(self.session)))
         info = Info()
         self._check(lib.qwenvl_get_info(self.session, ctypes.byref(info)))

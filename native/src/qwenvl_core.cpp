@@ -84,7 +84,7 @@ qwenvl_open_params qwenvl_open_default_params(void) {
     p.n_threads = 0;
     p.n_batch = 512;
     p.kv_type = QWENVL_KV_F16;
-    p.use_mmap = 1;
+    p.use_mmap = 0;
     return p;
 }
 

@@ -38,7 +38,10 @@ void check_gguf_file(const std::string& path) {
 ModelPtr load_model(const std::string& path, bool use_mmap) {
     check_gguf_file(path);
     llama_model_params params = llama_model_default_params();
+    // read + repacked (the default) or mapped as is: never both, a mapping of repacked weights counts them twice
+    // (measured at full size: 8.9 GB instead of 6.3 GB peak)
     params.load_mode = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    params.use_extra_bufts = !use_mmap;
     ModelPtr model(llama_model_load_from_file(path.c_str(), params));
     if (!model) fail(QWENVL_ERR_MODEL_LOAD, path + ": llama.cpp cannot load this GGUF (truncated or unsupported)");
     return model;

@@ -5,6 +5,10 @@
 // is freed -> decoder (qwenvl_open / qwenvl_generate on the bundle's GGUF) -> the answer streamed to
 // stdout. Only the answer goes to stdout; an error is one line on stderr and a non-zero exit.
 #include <sys/resource.h>
+#include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <cerrno>
 #include <chrono>
@@ -31,7 +35,7 @@ using Clock = std::chrono::steady_clock;
 
 const char* const kUsage =
     "usage: qwenvl-native run BUNDLE [IMAGE...] QUESTION [--greedy] [--max-tokens N] [--temperature T]\n"
-    "                         [--seed N] [--threads N] [--ctx N] [--kv f16|q8_0] [--no-mmap] [--stats] [-v]\n"
+    "                         [--seed N] [--threads N] [--ctx N] [--kv f16|q8_0] [--mmap] [--stats] [-v]\n"
     "                         [--rows-out FILE] [--vision-only]\n"
     "\n"
     "Answers QUESTION about the images with the bundle (a folder written by `qwenvl-edge export`), all in\n"
@@ -44,7 +48,8 @@ const char* const kUsage =
     "  --threads N       CPU threads for vision and decoder (default: all cores)\n"
     "  --ctx N           context positions (default 2048)\n"
     "  --kv f16|q8_0     KV cache type (default f16; q8_0 halves its memory, the phone setting)\n"
-    "  --no-mmap         read the GGUF into memory instead of mapping it\n"
+    "  --mmap            map the GGUF and use it as it is (no repacking): the weights stay file pages the\n"
+    "                    OS can drop under memory pressure; default: read them (repacked for the CPU)\n"
     "  --stats           one JSON line of timings and peak memory on stderr at the end\n"
     "  -v                llama.cpp's info log on stderr\n"
     "  --rows-out FILE   also write the image rows, float32 little-endian [images, rows, width]\n"
@@ -65,7 +70,7 @@ struct Options {
     int threads = 0;
     int ctx = 2048;
     int kv_type = QWENVL_KV_F16;
-    bool mmap = true;
+    bool mmap = false;
     bool stats = false;
     bool verbose = false;
     std::string rows_out;
@@ -100,7 +105,7 @@ Options parse_args(int argc, char** argv) {
         else if (a == "--seed") o.seed = parse_int(a, value(), 0, 4294967295L);
         else if (a == "--threads") o.threads = static_cast<int>(parse_int(a, value(), 1, 1024));
         else if (a == "--ctx") o.ctx = static_cast<int>(parse_int(a, value(), 16, 1 << 20));
-        else if (a == "--no-mmap") o.mmap = false;
+        else if (a == "--mmap") o.mmap = true;
         else if (a == "--stats") o.stats = true;
         else if (a == "-v" || a == "--verbose") o.verbose = true;
         else if (a == "--rows-out") o.rows_out = value();
@@ -222,6 +227,14 @@ BundleFacts read_bundle(const std::string& folder) {
 
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
+// Resident memory now (kB), from /proc/self/statm; 0 where there is none.
+long rss_now_kb() {
+    std::ifstream statm("/proc/self/statm");
+    long pages = 0, resident = 0;
+    if (!(statm >> pages >> resident)) return 0;
+    return resident * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
 long peak_rss_kb() {
     rusage u{};
     getrusage(RUSAGE_SELF, &u);
@@ -287,6 +300,9 @@ std::vector<std::vector<float>> encode_images(const Options& o, const BundleFact
         throw;
     }
     qwenvl_vision_close(vision);  // before the decoder loads: on a phone the two never share memory
+#if defined(__GLIBC__)
+    if (std::getenv("QWENVL_NO_TRIM") == nullptr) malloc_trim(0);  // give the freed session's heap back to the OS
+#endif
     return rows;
 }
 
@@ -307,8 +323,12 @@ int run(const Options& o) {
     std::vector<std::vector<float>> rows;
     if (!o.images.empty()) rows = encode_images(o, b, &n_rows, &n_embd, &vision_load_ms, &vision_ms);
     const long peak_after_vision = peak_rss_kb();
+    const long rss_after_vision = rss_now_kb();
     if (!o.rows_out.empty()) write_rows(o.rows_out, rows);
-    if (o.vision_only) return 0;
+    if (o.vision_only) {
+        if (o.stats) std::fprintf(stderr, "{\"peak_rss_vision_kb\": %ld, \"rss_after_vision_kb\": %ld}\n", peak_after_vision, rss_after_vision);
+        return 0;
+    }
 
     const auto t_load = Clock::now();
     qwenvl_open_params params = qwenvl_open_default_params();
@@ -343,10 +363,10 @@ int run(const Options& o) {
                      "{\"images\": %zu, \"vision_load_ms\": %.1f, \"vision_ms\": %.1f, \"decoder_load_ms\": %.1f, "
                      "\"prefill_ms\": %.1f, \"ttft_ms\": %.1f, \"decode_ms\": %.1f, \"n_tokens\": %d, "
                      "\"decode_tokens_per_s\": %.3f, \"n_prompt_positions\": %d, \"peak_rss_vision_kb\": %ld, "
-                     "\"peak_rss_kb\": %ld, \"kv\": \"%s\", \"mmap\": %s, \"n_ctx\": %d}\n",
+                     "\"rss_after_vision_kb\": %ld, \"peak_rss_kb\": %ld, \"kv\": \"%s\", \"mmap\": %s, \"n_ctx\": %d}\n",
                      rows.size(), vision_load_ms, vision_ms, load_ms, result.prefill_ms, stream.first_token_ms,
                      result.decode_ms, result.n_tokens, result.decode_tokens_per_s, result.n_prompt_positions,
-                     peak_after_vision, peak_rss_kb(), o.kv_type == QWENVL_KV_Q8_0 ? "q8_0" : "f16",
+                     peak_after_vision, rss_after_vision, peak_rss_kb(), o.kv_type == QWENVL_KV_Q8_0 ? "q8_0" : "f16",
                      o.mmap ? "true" : "false", o.ctx);
     }
     qwenvl_close(session);
