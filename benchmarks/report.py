@@ -124,8 +124,9 @@ def native_rows(results: dict) -> list[str]:
         return []
     lines = ["", f"## Phone path: `qwenvl-native run` at full size ({native['arch']} figures, not a phone)", "",
              f"One image, {native['max_tokens']} greedy tokens, a fresh process each; the vision session (INT8 ONNX, "
-             "ONNX Runtime's C API) is freed before the decoder loads, the GGUF is mapped. Peak RSS counts the mapped "
-             f"GGUF's pages. Ratios against `default` of the same run; phone budget {native['phone_budget_gb']} GB."
+             "ONNX Runtime's C API) is freed before the decoder loads; the GGUF is read and repacked by llama.cpp, or "
+             "mapped as it is (`_mmap`: its pages count in the RSS but the OS can drop them). Ratios against "
+             f"`default` of the same run; phone budget {native['phone_budget_gb']} GB."
              + (" Another job shared the 2 cores during this run: compare the timings as ratios only."
                 if native.get("cpu_shared") else ""),
              "",
