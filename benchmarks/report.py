@@ -129,9 +129,10 @@ def ttft_rows(results: dict) -> list[str]:
                              f"{r.get('restored_positions', 0)} pos | {r['peak_rss_gb']:.2f} GB |")
     modes = results.get("ttft_load_modes", {})
     if modes:
-        lines += ["", "| decoder load mode | load | text prefill | peak RSS |", "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {m['load_s']:.2f} s | {m['text_prefill_s']:.2f} s | {m['peak_rss_gb']:.2f} GB |"
-                  for name, m in modes.items()]
+        lines += ["", "| decoder load mode | load | text prefill | decode | peak RSS |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {m['load_s']:.2f} s | {m['text_prefill_s']:.2f} s | "
+                  f"{m.get('decode_tok_s', 0):.2f} tok/s | {m['peak_rss_gb']:.2f} GB |" for name, m in modes.items()]
     return lines
 
 
