@@ -120,43 +120,67 @@ def timed_run(cmd: list[str], env: dict) -> dict:
             **run_timings(out["stderr"])}
 
 
+def median_of(samples: list[dict]) -> dict:
+    """Key by key median of numeric samples (the run with the median first byte for anything else)."""
+    import statistics
+
+    keys = [k for k, v in samples[0].items() if isinstance(v, (int, float))]
+    return {k: statistics.median(s[k] for s in samples) for k in keys}
+
+
 def measure_ttft(bundle: Path, image: Path, question: str, threads: int | None, work: Path,
-                 load_modes: list[str] | None = None, env_extra: dict | None = None) -> dict:
-    """TTFT ratios of a fresh ``run``, a second ``run`` (same store), a second turn, and the baseline."""
+                 load_modes: list[str] | None = None, env_extra: dict | None = None, repeat: int = 1) -> dict:
+    """TTFT ratios of a fresh ``run``, a second ``run`` (same store), a second turn, and the baseline.
+
+    With ``repeat`` > 1 the default ``run`` pair and the load modes are measured that many times,
+    interleaved (a shared machine's load drifts), and medians are reported; the baseline's prefill
+    is the faster load mode's of the same round, so no load mode's prefill is hidden by the ratio.
+    """
     work.mkdir(parents=True, exist_ok=True)
     run = [sys.executable, "-m", "qwenvl_edge.cli", "run", "--bundle", str(bundle), "--greedy", "--max-tokens",
            str(TTFT_TOKENS), *(["--threads", str(threads)] if threads else []), str(image), question]
-    runs = {}
-    for load in RUN_LOADS:  # the default first; each with its own empty store
-        env = {**os.environ, "XDG_CACHE_HOME": str(work / f"xdg-{load}"), **(env_extra or {})}
-        shutil.rmtree(work / f"xdg-{load}", ignore_errors=True)
-        cmd = [*run[:4], "--load", load, *run[4:]]
-        runs[load] = {"first": progress(f"first_run_{load}", timed_run(cmd, env)),
-                      "second": progress(f"second_run_{load}", timed_run(cmd, env))}
-    fresh, second = runs[RUN_LOADS[0]]["first"], runs[RUN_LOADS[0]]["second"]
     base_cmd = [sys.executable, "-c", BASELINE, str(bundle), str(image), question, str(threads or 0)]
-    modes = {}
-    for name, repack, mmap in LOAD_MODES:
-        if name in ("read_repack", "mmap_norepack") or name in (load_modes or []):
-            out = first_byte([*base_cmd, repack, mmap, "1" if name == "read_repack" else "0"], env)
-            modes[name] = progress(name, {**json.loads(out["stdout"]), "peak_rss_gb": out["peak_rss_gb"]})
-    baseline = modes["read_repack"]
+    env = {**os.environ, **(env_extra or {})}
+    runs: dict = {load: {"first": [], "second": []} for load in RUN_LOADS}
+    modes: dict = {}
+    bases: list[float] = []
+    for round_ in range(repeat):
+        for load in RUN_LOADS[:1] if round_ else RUN_LOADS:  # `--load read` once, for comparison
+            store = {"XDG_CACHE_HOME": str(work / f"xdg-{load}")}
+            shutil.rmtree(work / f"xdg-{load}", ignore_errors=True)  # each pair starts from an empty store
+            cmd = [*run[:4], "--load", load, *run[4:]]
+            for which in ("first", "second"):
+                runs[load][which].append(progress(f"{which}_run_{load}", timed_run(cmd, {**env, **store})))
+        prefills = []
+        for name, repack, mmap in LOAD_MODES:
+            if name in ("read_repack", "mmap_norepack") or name in (load_modes or []):
+                out = first_byte([*base_cmd, repack, mmap, "1" if name == "read_repack" else "0"], env)
+                mode = progress(name, {**json.loads(out["stdout"]), "peak_rss_gb": out["peak_rss_gb"]})
+                modes.setdefault(name, []).append(mode)
+                prefills.append(mode["text_prefill_s"])
+        bases.append(modes["read_repack"][-1]["encode_s"] + min(prefills))
     turn_cmd = [sys.executable, "-c", SECOND_TURN, str(bundle), str(image), question, str(threads or 0),
                 str(work / "turn-store"), str(TTFT_TOKENS)]
     turn = first_byte(turn_cmd, env)
     second_turn_s = progress("second_turn", {**turn, **json.loads(turn["stdout"])})["second_turn_s"]
-    base_s = baseline["encode_s"] + baseline["text_prefill_s"]
+    import statistics
+
+    runs = {load: {which: median_of(samples) for which, samples in pair.items()} for load, pair in runs.items()}
+    modes = {name: median_of(samples) for name, samples in modes.items()}
+    fresh, second = runs[RUN_LOADS[0]]["first"], runs[RUN_LOADS[0]]["second"]
+    base_s = statistics.median(bases)
     return {
         "ttft_first_s": fresh["ttft_s"], "ttft_second_run_s": second["ttft_s"], "ttft_second_turn_s": second_turn_s,
-        "ttft_baseline_s": base_s, "ttft_baseline": baseline,
+        "ttft_baseline_s": base_s, "ttft_baseline": {**modes["read_repack"], "text_prefill_s": base_s -
+                                                     modes["read_repack"]["encode_s"]},
         "ttft_first_ratio": fresh["ttft_s"] / base_s,
         "ttft_second_run_ratio": second["ttft_s"] / fresh["ttft_s"],
         "ttft_second_turn_ratio": second_turn_s / fresh["ttft_s"],
         "ttft_first_peak_rss_gb": fresh["peak_rss_gb"], "ttft_second_run_peak_rss_gb": second["peak_rss_gb"],
-        "ttft_second_turn_peak_rss_gb": turn["peak_rss_gb"],
+        "ttft_second_turn_peak_rss_gb": turn["peak_rss_gb"], "ttft_rounds": repeat,
         "ttft_first_run": fresh, "ttft_second_run": second,
         "ttft_runs_by_load": runs,  # `run --load map` (default) and `--load read` (llama.cpp repacks)
-        "ttft_load_modes": modes,  # decoder load and text prefill per GGUF load mode
+        "ttft_load_modes": modes,  # decoder load, text prefill and decode per GGUF load mode
     }
 
 
@@ -168,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--load-modes", default="", help="comma list of extra load modes: "
                     + ", ".join(name for name, *_ in LOAD_MODES[2:]))
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of the default run pair and load modes (medians)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment of the runs")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -181,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             generate_images(1, seed=99)[0].save(image)
         env = dict(item.split("=", 1) for item in a.env)
         out = measure_ttft(a.bundle, image, a.question, a.threads, work,
-                           [m for m in a.load_modes.split(",") if m], env)
+                           [m for m in a.load_modes.split(",") if m], env, a.repeat)
     text = json.dumps(out, indent=2)
     if a.json:
         a.json.write_text(text)
