@@ -108,6 +108,7 @@ def ttft_rows(results: dict) -> list[str]:
     b = results["ttft_baseline"]
     lines = [
         "", "## Time to the first answer byte (wall time from process start)", "",
+        *([results["ttft_conditions"] + ".", ""] if results.get("ttft_conditions") else []),
         "| case | first byte | ratio | peak RSS |", "| --- | --- | --- | --- |",
         f"| fresh `run` (empty store) | {results['ttft_first_s']:.2f} s | {results['ttft_first_ratio']:.3f} x baseline "
         f"| {results['ttft_first_peak_rss_gb']:.2f} GB |",
@@ -143,7 +144,9 @@ def write_report(results: dict, folder: Path) -> None:
     lines = [
         "# qwenvl-edge benchmark results", "",
         f"Preset `{results['preset']}` (random weights, real shapes), {results['runs']} runs per timing (medians).",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; onnxruntime {m['onnxruntime']}, "
+        f"Machine: {m['cpu']}" + (f" ({m['cpu_vector']}; llama.cpp built for {m['llama_cpp_features']})"
+                                  if m.get("cpu_vector") else "")
+        + f", {m['cores']} cores, {m['memory_gb']} GB RAM; onnxruntime {m['onnxruntime']}, "
         f"llama-cpp-python {m['llama_cpp_python']}, Python {m['python']}. Threads: all cores.",
         "Reproduce: `python -m benchmarks.run_benchmarks` (see benchmarks/README.md).", "",
         "## Targets", "", *target_rows(results), "",
