@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_ttft import measure_ttft
+from benchmarks.bench_ttft import RUN_LOADS, measure_ttft
 from benchmarks.process_stats import run_measured
 from qwenvl_edge.contract import LLM_FILE
 
@@ -34,7 +34,8 @@ def run_once(bundle: Path, image: Path, question: str, release_vision: bool, thr
             "peak_rss_bytes": stats.peak_rss_bytes, **timings}
 
 
-def measure(bundle: Path, image: Path, question: str, runs: int, threads: int | None) -> dict:
+def measure(bundle: Path, image: Path, question: str, runs: int, threads: int | None,
+            compare_loads: bool = True) -> dict:
     gguf_bytes = (bundle / LLM_FILE).stat().st_size
     out: dict = {"run_runs": runs}
     for mode, release in (("kept", False), ("released", True)):
@@ -51,5 +52,6 @@ def measure(bundle: Path, image: Path, question: str, runs: int, threads: int | 
     out["ttft_s"] = out["run_released"]["ttft_s"]  # `run` frees the vision session by default
     out["run_peak_rss_over_gguf_gb"] = out["run_released"]["peak_rss_over_gguf_gb"]
     with tempfile.TemporaryDirectory(prefix="qwenvl-ttft-") as work:
-        out.update(measure_ttft(bundle, image, question, threads, Path(work)))
+        loads = RUN_LOADS if compare_loads else RUN_LOADS[:1]  # `run --load read` too, or the default only
+        out.update(measure_ttft(bundle, image, question, threads, Path(work), loads=loads))
     return out

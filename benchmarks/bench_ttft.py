@@ -129,23 +129,25 @@ def median_of(samples: list[dict]) -> dict:
 
 
 def measure_ttft(bundle: Path, image: Path, question: str, threads: int | None, work: Path,
-                 load_modes: list[str] | None = None, env_extra: dict | None = None, repeat: int = 1) -> dict:
+                 load_modes: list[str] | None = None, env_extra: dict | None = None, repeat: int = 1,
+                 loads: tuple[str, ...] = RUN_LOADS) -> dict:
     """TTFT ratios of a fresh ``run``, a second ``run`` (same store), a second turn, and the baseline.
 
     With ``repeat`` > 1 the default ``run`` pair and the load modes are measured that many times,
     interleaved (a shared machine's load drifts), and medians are reported; the baseline's prefill
     is the faster load mode's of the same round, so no load mode's prefill is hidden by the ratio.
+    ``loads``: the ``run --load`` values to time (the default first; the others once, to compare).
     """
     work.mkdir(parents=True, exist_ok=True)
     run = [sys.executable, "-m", "qwenvl_edge.cli", "run", "--bundle", str(bundle), "--greedy", "--max-tokens",
            str(TTFT_TOKENS), *(["--threads", str(threads)] if threads else []), str(image), question]
     base_cmd = [sys.executable, "-c", BASELINE, str(bundle), str(image), question, str(threads or 0)]
     env = {**os.environ, **(env_extra or {})}
-    runs: dict = {load: {"first": [], "second": []} for load in RUN_LOADS}
+    runs: dict = {load: {"first": [], "second": []} for load in loads}
     modes: dict = {}
     bases: list[float] = []
     for round_ in range(repeat):
-        for load in RUN_LOADS[:1] if round_ else RUN_LOADS:  # `--load read` once, for comparison
+        for load in loads[:1] if round_ else loads:  # `--load read` once, for comparison
             store = {"XDG_CACHE_HOME": str(work / f"xdg-{load}")}
             shutil.rmtree(work / f"xdg-{load}", ignore_errors=True)  # each pair starts from an empty store
             cmd = [*run[:4], "--load", load, *run[4:]]
@@ -167,7 +169,7 @@ def measure_ttft(bundle: Path, image: Path, question: str, threads: int | None, 
 
     runs = {load: {which: median_of(samples) for which, samples in pair.items()} for load, pair in runs.items()}
     modes = {name: median_of(samples) for name, samples in modes.items()}
-    fresh, second = runs[RUN_LOADS[0]]["first"], runs[RUN_LOADS[0]]["second"]
+    fresh, second = runs[loads[0]]["first"], runs[loads[0]]["second"]
     base_s = statistics.median(bases)
     return {
         "ttft_first_s": fresh["ttft_s"], "ttft_second_run_s": second["ttft_s"], "ttft_second_turn_s": second_turn_s,
