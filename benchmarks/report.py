@@ -34,9 +34,16 @@ def machine() -> dict:
                if line.startswith("MemTotal"))
     import os
 
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(mem / 1e6, 1),
+    flags = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), set())
+    vector = ("AVX-512 VNNI" if {"avx512f", "avx512_vnni"} <= flags else "AVX-512" if "avx512f" in flags
+              else "AVX2" if "avx2" in flags else "no AVX2")
+    built = llama_cpp.llama_print_system_info().decode(errors="replace")  # what llama.cpp was compiled for
+    return {"cpu": cpu, "cpu_vector": vector, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(mem / 1e6, 1),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "llama_cpp_python": llama_cpp.__version__}
+            "llama_cpp_python": llama_cpp.__version__,
+            "llama_cpp_features": " ".join(part.split("=")[0].strip() for part in built.split("|")[1:]
+                                           if part.strip().endswith("= 1"))}
 
 
 def target_rows(results: dict) -> list[str]:
@@ -98,9 +105,10 @@ def ttft_rows(results: dict) -> list[str]:
     """First answer byte from process start: fresh run, second run, second turn, baseline; peak RSS of each."""
     if "ttft_first_s" not in results:
         return []
-    b, r = results["ttft_baseline"], results["repack"]
-    return [
+    b = results["ttft_baseline"]
+    lines = [
         "", "## Time to the first answer byte (wall time from process start)", "",
+        *([results["ttft_conditions"] + ".", ""] if results.get("ttft_conditions") else []),
         "| case | first byte | ratio | peak RSS |", "| --- | --- | --- | --- |",
         f"| fresh `run` (empty store) | {results['ttft_first_s']:.2f} s | {results['ttft_first_ratio']:.3f} x baseline "
         f"| {results['ttft_first_peak_rss_gb']:.2f} GB |",
@@ -109,12 +117,47 @@ def ttft_rows(results: dict) -> list[str]:
         f"| second question, same process | {results['ttft_second_turn_s']:.3f} s | "
         f"{results['ttft_second_turn_ratio']:.3f} x fresh | {results['ttft_second_turn_peak_rss_gb']:.2f} GB |",
         f"| baseline: INT8 encode + text prefill of {b['positions']} positions | {results['ttft_baseline_s']:.2f} s "
-        f"({b['encode_s']:.2f} + {b['text_prefill_s']:.2f}) | 1 | - |", "",
-        f"Repacking (llama.cpp's CPU_REPACK buffers, GGUF read) vs a mapped GGUF without repacking: load "
-        f"{r['load_s']:.2f} s vs {r['mapped_unpacked_load_s']:.2f} s, text prefill {r['text_prefill_s']:.2f} s vs "
-        f"{r['mapped_unpacked_text_prefill_s']:.2f} s (repacking costs {r['load_cost_s']:.2f} s at load and "
-        f"saves {r['prefill_saving_s']:.2f} s per prefill).",
+        f"({b['encode_s']:.2f} + {b['text_prefill_s']:.2f}) | 1 | {b['peak_rss_gb']:.2f} GB |",
     ]
+    runs = results.get("ttft_runs_by_load", {})
+    if runs:
+        lines += ["", "| `run --load` | run | first byte | load wait / encode / prefill | restored | peak RSS |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for load, pair in runs.items():
+            for which, r in pair.items():
+                lines.append(f"| {load} | {which} | {r['ttft_s']:.2f} s | {r.get('load_s', 0):.2f} / "
+                             f"{r.get('image_encode_s', 0):.2f} / {r.get('prefill_s', 0):.2f} s | "
+                             f"{r.get('restored_positions', 0)} pos | {r['peak_rss_gb']:.2f} GB |")
+    modes = results.get("ttft_load_modes", {})
+    if modes:
+        lines += ["", "| decoder load mode | load | text prefill | decode | peak RSS |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {m['load_s']:.2f} s | {m['text_prefill_s']:.2f} s | "
+                  f"{m.get('decode_tok_s', 0):.2f} tok/s | {m['peak_rss_gb']:.2f} GB |" for name, m in modes.items()]
+    return lines
+
+
+def native_rows(results: dict) -> list[str]:
+    """The phone path: ``qwenvl-native run`` (benchmarks/bench_native.py), x86-64 figures."""
+    native = results.get("native_phone")
+    if not native:
+        return []
+    lines = ["", f"## Phone path: `qwenvl-native run` at full size ({native['arch']} figures, not a phone)", "",
+             f"One image, {native['max_tokens']} greedy tokens, a fresh process each; the vision session (INT8 ONNX, "
+             "ONNX Runtime's C API) is freed before the decoder loads; the GGUF is read and repacked by llama.cpp, or "
+             "mapped as it is (`_mmap`: its pages count in the RSS but the OS can drop them). Ratios against "
+             f"`default` of the same run; phone budget {native['phone_budget_gb']} GB."
+             + (" Another job shared the 2 cores during this run: compare the timings as ratios only."
+                if native.get("cpu_shared") else ""),
+             "",
+             "| configuration | GGUF | peak RSS | peak during vision | time to first token | decode | same answer |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in native["configs"].items():
+        lines.append(f"| {name} | {r['gguf_gb']:.2f} GB | {r['peak_rss_gb']:.2f} GB (x{r['peak_rss_ratio']:.2f})"
+                     f"{'' if r['fits_phone_budget'] else ' over budget'} | {r['peak_rss_vision_gb']:.2f} GB | "
+                     f"{r['ttft_s']:.1f} s (x{r['ttft_ratio']:.2f}) | {r['decode_tok_s']:.2f} tok/s "
+                     f"(x{r['decode_ratio']:.2f}) | {'yes' if r['same_answer_as_default'] else 'no'} |")
+    return lines
 
 
 def write_report(results: dict, folder: Path) -> None:
@@ -124,7 +167,9 @@ def write_report(results: dict, folder: Path) -> None:
     lines = [
         "# qwenvl-edge benchmark results", "",
         f"Preset `{results['preset']}` (random weights, real shapes), {results['runs']} runs per timing (medians).",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; onnxruntime {m['onnxruntime']}, "
+        f"Machine: {m['cpu']}" + (f" ({m['cpu_vector']}; llama.cpp built for {m['llama_cpp_features']})"
+                                  if m.get("cpu_vector") else "")
+        + f", {m['cores']} cores, {m['memory_gb']} GB RAM; onnxruntime {m['onnxruntime']}, "
         f"llama-cpp-python {m['llama_cpp_python']}, Python {m['python']}. Threads: all cores.",
         "Reproduce: `python -m benchmarks.run_benchmarks` (see benchmarks/README.md).", "",
         "## Targets", "", *target_rows(results), "",
@@ -153,6 +198,7 @@ def write_report(results: dict, folder: Path) -> None:
                      f"{r['peak_rss_over_gguf_gb']:.2f} GB |")
     lines += ttft_rows(results)
     lines += server_rows(results)
+    lines += native_rows(results)
     lines += ["", f"![time breakdown]({plot.name})", "", "## Export", "",
               f"Whole export: {e['wall_s']:.0f} s, peak RSS {e['peak_rss_gb']:.2f} GB"
               + (f"; inside a memory cgroup of {e['cgroup_limit_gb']:.2f} GB (8 GiB) its peak, page cache counted, "

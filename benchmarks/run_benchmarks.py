@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     image = a.work / "bench-image.png"
     generate_images(1, seed=99)[0].save(image)
-    results.update(bench_run.measure(bundle, image, QUESTION, a.runs, a.threads))
+    results.update(bench_run.measure(bundle, image, QUESTION, a.runs, a.threads, compare_loads=a.preset == "full"))
     print("measuring `qwenvl-edge serve`: a first question and a follow-up about the same photo", flush=True)
     results.update(bench_server.measure(bundle, a.runs, a.threads))
     if a.analysis.is_file():

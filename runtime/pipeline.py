@@ -40,14 +40,17 @@ class QwenVL:
     ``keep_vision=False`` releases the ONNX session after each encode, before the decoder loads
     (low-memory devices); ``cache_dir``: the checked store of image rows and prefix states
     (default ``$XDG_CACHE_HOME/qwenvl-edge``; ``None``: nothing on disk); ``use_mmap=True`` maps the
-    GGUF (faster start when it is in the page cache, higher RSS). ``seed=None``: sampled answers
+    GGUF (faster start when it is in the page cache) and ``repack=False`` uses its Q4_K weights as they
+    are instead of llama.cpp's repacked copy: with both, the load is about 2 s instead of 10 s at full size,
+    decoding about 15 % slower (benchmarks/RESULTS.md); ``qwenvl-edge run`` does that, a long-lived
+    ``QwenVL`` (chat, serve) reads and repacks. ``seed=None``: sampled answers
     vary from call to call; a seed makes them repeatable (a call's own ``seed`` wins).
     One ``QwenVL`` runs one call at a time: another thread's call waits (see ``serial.py``).
     """
 
     def __init__(self, bundle_dir: Path | str | None = None, n_threads: int | None = None, n_ctx: int = 2048,
                  *, keep_vision: bool = True, cache_dir=DEFAULT_CACHE, seed: int | None = None,
-                 verbose: bool = False, use_mmap: bool = False):
+                 verbose: bool = False, use_mmap: bool = False, repack: bool = True):
         self.bundle = Bundle.open(Path(bundle_dir).expanduser() if bundle_dir is not None else None)
         self.info = self.bundle.model
         n_ctx = validate.n_ctx(n_ctx, self.info.seq_length)
@@ -57,7 +60,7 @@ class QwenVL:
         self.seed = validate.seed(seed)
         self.store = Store(default_store_dir() if cache_dir is DEFAULT_CACHE else cache_dir)
         self.session = Session(self.bundle, self.store, n_ctx=n_ctx, n_threads=validate.n_threads(n_threads),
-                               keep_vision=keep_vision, verbose=verbose, use_mmap=use_mmap)
+                               keep_vision=keep_vision, verbose=verbose, use_mmap=use_mmap, repack=repack)
         self.history: list[Turn] = []
         self._guard = CallGuard("QwenVL")
         self.last_result: GenerationResult | None = None

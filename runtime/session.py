@@ -43,7 +43,8 @@ class Session:
     """One bundle's engines, loaded on first need, and the prompt logic between them."""
 
     def __init__(self, bundle: Bundle, store: Store, n_ctx: int = 2048, n_threads: int | None = None,
-                 keep_vision: bool = True, verbose: bool = False, use_mmap: bool = False, overlap: bool = True):
+                 keep_vision: bool = True, verbose: bool = False, use_mmap: bool = False, overlap: bool = True,
+                 repack: bool = True):
         self.bundle = bundle
         self.info = bundle.model
         self.store = store
@@ -51,6 +52,7 @@ class Session:
         self.n_threads = n_threads
         self.verbose = verbose
         self.use_mmap = use_mmap
+        self.repack = repack
         self.encoder = ImageEncoder(bundle.vision_path, bundle.vision_sha256, self.info.hidden_size,
                                     self.info.n_queries, self.info.image_size, store, n_threads, keep_vision)
         self._decoder: Decoder | None = None
@@ -117,7 +119,7 @@ class Session:
 
     def _load(self) -> Decoder:
         decoder = Decoder(self.bundle.llm_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                          verbose=self.verbose, use_mmap=self.use_mmap)
+                          verbose=self.verbose, use_mmap=self.use_mmap, repack=self.repack)
         if decoder.n_embd != self.info.hidden_size or decoder.n_vocab != self.info.vocab_size:
             decoder.close()
             raise BundleError(f"{self.bundle.llm_path}: width {decoder.n_embd} / vocab {decoder.n_vocab}, "

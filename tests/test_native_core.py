@@ -18,9 +18,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import llama_cpp
@@ -31,36 +29,15 @@ from PIL import Image
 from qwenvl_edge import contract
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.llm_gguf import write_llm_gguf
+from tests.native_build import BUILD_ROOT, REPO, build_native, needs_cmake
 
-REPO = Path(__file__).resolve().parents[1]
-BUILD_ROOT = REPO / "native-build"
 IMAGE_ROWS = contract.N_QUERIES
 PROMPT_FIXTURE = REPO / "tests" / "data" / "multi_turn_prompt.json"
 IMAGE_POSITION = -1
 GREEDY_CASES = ["one_image", "two_images", "text_only", "grounding"]  # golden/README: ids identical in F32
 STOP_IDS = {contract.EOS_ID, contract.IM_START_ID, contract.IM_END_ID}
-BUILD_TIMEOUT = 900  # seconds; a first configure may download the llama.cpp headers (~80 s)
 
-pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ctest") is None,
-                                reason="needs cmake and ctest")
-
-
-# --- building ------------------------------------------------------------------------------------
-
-def _run(cmd: list[str], timeout: int = BUILD_TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    output = f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output}"
-    return proc
-
-
-def build_native(build_dir: Path, *options: str) -> Path:
-    """Configure (once) and build the native targets in ``build_dir``; returns it."""
-    generator = ["-G", "Ninja"] if shutil.which("ninja") and not (build_dir / "Makefile").exists() else []
-    _run(["cmake", "-S", str(REPO), "-B", str(build_dir), *generator, "-DCMAKE_BUILD_TYPE=Release",
-          f"-DPython3_EXECUTABLE={sys.executable}", *options])
-    _run(["cmake", "--build", str(build_dir), "-j", str(min(os.cpu_count() or 2, 4))])
-    return build_dir
+pytestmark = needs_cmake
 
 
 def run_ctest(build_dir: Path, data_dir: Path, exclude: str | None = None) -> str:
@@ -133,7 +110,8 @@ def host_build() -> Path:
 # --- ctypes over the C API ------------------------------------------------------------------------
 
 class OpenParams(ctypes.Structure):
-    _fields_ = [("n_ctx", ctypes.c_int32), ("n_threads", ctypes.c_int32), ("n_batch", ctypes.c_int32)]
+    _fields_ = [("n_ctx", ctypes.c_int32), ("n_threads", ctypes.c_int32), ("n_batch", ctypes.c_int32),
+                ("kv_type", ctypes.c_int32), ("use_mmap", ctypes.c_int32)]
 
 
 class GenerateParams(ctypes.Structure):
@@ -171,7 +149,7 @@ class NativeCore:
     def __init__(self, lib: ctypes.CDLL, gguf: Path, n_ctx: int = 1024, n_batch: int = 512):
         self.lib = lib
         self.session = ctypes.c_void_p()
-        params = OpenParams(n_ctx, 2, n_batch)
+        params = OpenParams(n_ctx, 2, n_batch, 0, 0)
         self._check(lib.qwenvl_open(str(gguf).encode(), ctypes.byref(params), ctypes.byref(self.session)))
         info = Info()
         self._check(lib.qwenvl_get_info(self.session, ctypes.byref(info)))

@@ -73,8 +73,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def decoder_hidden(p: Params, embeds: torch.Tensor, heads: int, eps: float = 1e-6,
-                   base: float = 10000.0) -> torch.Tensor:
-    """[B, T, H] input embeddings -> [B, T, H] final hidden states (after ln_f), causal, positions 0..T-1."""
+                   base: float = 10000.0, qk: list | None = None) -> torch.Tensor:
+    """[B, T, H] input embeddings -> [B, T, H] final hidden states (after ln_f), causal, positions 0..T-1.
+
+    ``qk``, when given, receives each layer's rotated (queries, keys) [B, heads, T, hd] (training's
+    attention loss)."""
     b, t, hsz = embeds.shape
     hd = hsz // heads
     inv = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
@@ -89,6 +92,8 @@ def decoder_hidden(p: Params, embeds: torch.Tensor, heads: int, eps: float = 1e-
         qkv = F.linear(h, p[r + "attn.c_attn.weight"], p[r + "attn.c_attn.bias"])
         q, k, v = (z.view(b, t, heads, hd).transpose(1, 2) for z in qkv.split(hsz, dim=-1))
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        if qk is not None:
+            qk.append((q, k))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, hsz)
         x = x + F.linear(a, p[r + "attn.c_proj.weight"])
         h = _rms(x, p[r + "ln_2.weight"], eps)

@@ -75,6 +75,12 @@ if(NOT QWENVL_LLAMA_LIBRARY)
 endif()
 
 set(_incs "${QWENVL_LLAMA_INCLUDE_DIRS}")
+# A wheel built from the sdist (pip's local build) installs the headers of that very build next to
+# the package (site-packages/include): use them when they are there, no download needed.
+get_filename_component(_wheel_include "${_libdir}/../../include" ABSOLUTE)
+if(NOT _incs AND EXISTS "${_wheel_include}/llama.h" AND EXISTS "${_wheel_include}/ggml.h")
+  set(_incs "${_wheel_include}")
+endif()
 if(_incs)
   list(GET _incs 0 _first)
   if(NOT EXISTS "${_first}/llama.h")

@@ -70,10 +70,21 @@ typedef enum qwenvl_stop_reason {
 /* One open model + llama.cpp context + chat state. Opaque. */
 typedef struct qwenvl_session qwenvl_session;
 
+/* KV cache element types (qwenvl_open_params.kv_type). */
+#define QWENVL_KV_F16 0  /* 16-bit K and V, flash attention off: exactly as the Python runtime */
+#define QWENVL_KV_Q8_0 1 /* 8-bit K and V (half the KV memory: 0.53 GB instead of 1 GB for Qwen-7B at 2048
+                            positions); turns flash attention on, which llama.cpp needs for a quantized V */
+
 typedef struct qwenvl_open_params {
     int32_t n_ctx;     /* context positions (tokens + image rows); default 2048 (the model's seq_length) */
     int32_t n_threads; /* CPU threads; 0 = all cores */
     int32_t n_batch;   /* most positions per llama_decode call; default 512 */
+    int32_t kv_type;   /* QWENVL_KV_F16 (default) or QWENVL_KV_Q8_0 */
+    int32_t use_mmap;  /* 0 (default, as the Python runtime): read the weights into memory, where llama.cpp
+                          repacks them for the CPU's fastest kernels (Q4_0 on ARM: dot-product/i8mm);
+                          1: map the GGUF and use it as it is (no repacking: a mapping plus repacked
+                          copies would count the weights twice); the weights then stay clean file
+                          pages the OS can drop and re-read under memory pressure */
 } qwenvl_open_params;
 
 typedef struct qwenvl_generate_params {
@@ -116,7 +127,7 @@ typedef struct qwenvl_result {
  * call with token -1 brings U+FFFD. Return 0 to go on, non-zero to stop after this token. */
 typedef int (*qwenvl_token_callback)(const char* piece, int32_t piece_len, int32_t token, void* user_data);
 
-/* Defaults: n_ctx 2048, n_threads 0 (all cores), n_batch 512. */
+/* Defaults: n_ctx 2048, n_threads 0 (all cores), n_batch 512, kv_type QWENVL_KV_F16, use_mmap 0. */
 QWENVL_API qwenvl_open_params qwenvl_open_default_params(void);
 
 /* Defaults: max_tokens 512, temperature 1.0, top_p 0.3, seed 0. */

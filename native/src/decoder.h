@@ -12,6 +12,7 @@ struct DecoderOptions {
     int32_t n_ctx = 2048;
     int32_t n_batch = 512;
     int32_t n_threads = 0;  // resolved by the caller (0 is not passed to llama.cpp)
+    bool kv_q8_0 = false;   // 8-bit K and V cache (with flash attention, which a quantized V needs)
 };
 
 // Owns the llama_context and its batches; tracks n_past, the positions held in the KV cache.

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "c_api_guard.h"
 #include "error.h"
 #include "llama.h"
 #include "session.h"
@@ -26,30 +27,10 @@ namespace {
 
 using qwenvl::Error;
 using qwenvl::fail;
+using qwenvl::guarded;
+using qwenvl::require;
 
-thread_local std::string t_last_error;
 std::atomic<int> g_log_level{2};
-
-template <class Body>
-int guarded(Body&& body) {
-    try {
-        body();
-        t_last_error.clear();
-        return QWENVL_OK;
-    } catch (const Error& e) {
-        t_last_error = e.what();
-        return e.status();
-    } catch (const std::bad_alloc&) {
-        t_last_error = "out of memory";
-        return QWENVL_ERR_OUT_OF_MEMORY;
-    } catch (const std::exception& e) {
-        t_last_error = std::string("internal error: ") + e.what();
-        return QWENVL_ERR_INTERNAL;
-    } catch (...) {
-        t_last_error = "internal error: unknown exception";
-        return QWENVL_ERR_INTERNAL;
-    }
-}
 
 // llama.cpp's logger, filtered by qwenvl_set_log_level. CONT lines continue the previous level.
 void log_to_stderr(ggml_log_level level, const char* text, void* /*user_data*/) {
@@ -74,9 +55,6 @@ void init_llama_once() {
     });
 }
 
-void require(bool ok, const char* what) {
-    if (!ok) fail(QWENVL_ERR_INVALID_ARGUMENT, what);
-}
 
 // Copy `ids` to the caller's array; *out_n gets the count, or the capacity needed.
 void copy_ids(const std::vector<int32_t>& ids, int32_t* out_ids, int32_t capacity, int32_t* out_n) {
@@ -105,6 +83,8 @@ qwenvl_open_params qwenvl_open_default_params(void) {
     p.n_ctx = 2048;
     p.n_threads = 0;
     p.n_batch = 512;
+    p.kv_type = QWENVL_KV_F16;
+    p.use_mmap = 0;
     return p;
 }
 
@@ -219,7 +199,7 @@ int qwenvl_reset(qwenvl_session* session) {
     });
 }
 
-const char* qwenvl_last_error(void) { return t_last_error.c_str(); }
+const char* qwenvl_last_error(void) { return qwenvl::last_error_slot().c_str(); }
 
 const char* qwenvl_status_string(int status) {
     switch (status) {

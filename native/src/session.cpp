@@ -35,9 +35,13 @@ void check_gguf_file(const std::string& path) {
     }
 }
 
-ModelPtr load_model(const std::string& path) {
+ModelPtr load_model(const std::string& path, bool use_mmap) {
     check_gguf_file(path);
     llama_model_params params = llama_model_default_params();
+    // read + repacked (the default) or mapped as is: never both, a mapping of repacked weights counts them twice
+    // (measured at full size: 8.9 GB instead of 6.3 GB peak)
+    params.load_mode = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    params.use_extra_bufts = !use_mmap;
     ModelPtr model(llama_model_load_from_file(path.c_str(), params));
     if (!model) fail(QWENVL_ERR_MODEL_LOAD, path + ": llama.cpp cannot load this GGUF (truncated or unsupported)");
     return model;
@@ -90,6 +94,12 @@ void Session::check_open_params(const qwenvl_open_params& p) {
     if (p.n_threads < 0 || p.n_threads > 1024) {
         fail(QWENVL_ERR_INVALID_ARGUMENT, "n_threads " + str(p.n_threads) + " is outside 0..1024 (0 = all cores)");
     }
+    if (p.kv_type != QWENVL_KV_F16 && p.kv_type != QWENVL_KV_Q8_0) {
+        fail(QWENVL_ERR_INVALID_ARGUMENT, "kv_type " + str(p.kv_type) + " is neither QWENVL_KV_F16 (0) nor QWENVL_KV_Q8_0 (1)");
+    }
+    if (p.use_mmap != 0 && p.use_mmap != 1) {
+        fail(QWENVL_ERR_INVALID_ARGUMENT, "use_mmap " + str(p.use_mmap) + " is neither 0 nor 1");
+    }
 }
 
 namespace {
@@ -131,7 +141,7 @@ void check_images(const qwenvl_image* images, int32_t n_images, int32_t n_rows, 
 }  // namespace
 
 Session::Session(const std::string& gguf_path, const qwenvl_open_params& params)
-    : model_(load_model(gguf_path)),
+    : model_(load_model(gguf_path, params.use_mmap != 0)),
       vocab_(llama_model_get_vocab(model_.get())),
       tokenizer_(vocab_),
       contract_(ModelContract::read(model_.get(), gguf_path)),
@@ -140,6 +150,7 @@ Session::Session(const std::string& gguf_path, const qwenvl_open_params& params)
     options.n_ctx = params.n_ctx;
     options.n_batch = std::min(params.n_batch, params.n_ctx);
     options.n_threads = resolve_threads(params.n_threads);
+    options.kv_q8_0 = params.kv_type == QWENVL_KV_Q8_0;
     decoder_ = std::make_unique<Decoder>(model_.get(), options);
 }
 

@@ -60,7 +60,7 @@ def open_model(a: argparse.Namespace):
 
     return QwenVL(a.bundle, n_threads=a.threads, n_ctx=a.n_ctx, keep_vision=a.keep_vision,
                   cache_dir=None if a.no_cache else default_cache(), seed=a.seed, verbose=a.verbose,
-                  use_mmap=a.mmap)
+                  use_mmap=a.load == "map", repack=a.load == "read")
 
 
 def default_cache():
@@ -75,6 +75,7 @@ def sampling(a: argparse.Namespace) -> dict:
 
 def print_timings(a: argparse.Namespace, result) -> None:
     t = result.timings
-    say(a, f"[image encode {t.image_encode_s:.2f} s ({t.images_encoded} encoded, {t.images_from_cache} cached), "
+    say(a, f"[load {t.load_s:.2f} s, image encode {t.image_encode_s:.2f} s ({t.images_encoded} encoded, "
+           f"{t.images_from_cache} cached), restored {t.restored_positions} pos, "
            f"prefill {t.prefill_positions} pos in {t.prefill_s:.2f} s, first token {t.ttft_s:.2f} s, "
            f"decode {t.decode_tokens} tok at {t.decode_tok_s:.1f} tok/s]")

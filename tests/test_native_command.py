@@ -1,0 +1,116 @@
+"""``qwenvl-native run``: the whole pipeline in the native core (image file -> vision.onnx through ONNX Runtime's
+C API -> llm.gguf through llama.cpp), run as a real process on real bundles.
+
+What it pins down:
+- on the golden tiny F32 bundle (FP32 vision, F32 LLM) the command answers exactly the golden text, greedy, for
+  one image, two images and text only (the same text the Python runtime gives, tests/test_runtime_golden.py);
+- its image rows equal the Python runtime's (read_image -> preprocess_image -> onnxruntime): FP32 within 1e-4,
+  the INT8 bundle's with min cosine >= 0.999, for a PNG, an RGBA PNG and a JPEG with an EXIF rotation (the
+  native decoders, the orientation and the Pillow-exact resize, not only the graph);
+- bad input (a missing bundle, an unreadable image, an unknown option) is one line on stderr, nothing on stdout
+  and a non-zero exit.
+The binary comes from the shared host build (tests/native_build.py).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwenvl_edge import contract
+from qwenvl_edge.runtime.preprocess import preprocess_image, read_image
+from qwenvl_edge.runtime.vision import VisionEncoder
+from tests.native_build import BUILD_ROOT, build_native, needs_cmake
+
+pytestmark = needs_cmake
+GOLDEN_CASES = ["one_image", "two_images", "text_only"]
+
+
+@pytest.fixture(scope="module")
+def native_cmd() -> Path:
+    build = build_native(BUILD_ROOT / "host")
+    cache = (build / "CMakeCache.txt").read_text(encoding="utf-8")
+    assert "QWENVL_ORT_LIBRARY" in cache and (build / "onnxruntime").is_dir(), "built without ONNX Runtime"
+    return build / "qwenvl-native"
+
+
+def run_native(cmd: Path, *args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(cmd), "run", *map(str, args)], capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def test_images(tmp_path_factory: pytest.TempPathFactory, golden) -> list[Path]:
+    """A golden PNG, an RGBA PNG (alpha dropped, not composited) and a JPEG stored sideways (EXIF 6)."""
+    folder = tmp_path_factory.mktemp("native_images")
+    rng = np.random.default_rng(3)
+    smooth = np.cumsum(rng.integers(-6, 7, (200, 320, 4)), axis=1).clip(0, 255).astype(np.uint8)
+    rgba = folder / "alpha.png"
+    Image.fromarray(smooth, "RGBA").save(rgba)
+    jpeg = folder / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(smooth[..., :3], "RGB").save(jpeg, quality=90, exif=exif.tobytes())
+    return [golden.images["sign"], rgba, jpeg]
+
+
+def native_rows(cmd: Path, bundle: Path, images: list[Path], out: Path) -> np.ndarray:
+    proc = run_native(cmd, bundle, *images, "rows", "--vision-only", "--rows-out", out)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == b""
+    return np.fromfile(out, dtype="<f4").reshape(len(images), contract.N_QUERIES, -1)
+
+
+def python_rows(bundle: Path, images: list[Path]) -> np.ndarray:
+    with VisionEncoder(bundle / contract.VISION_FILE, n_threads=2) as vision:
+        pixels = np.stack([preprocess_image(read_image(p).image, vision.image_size) for p in images])
+        return vision.encode(pixels)
+
+
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_answers_golden_exact(native_cmd: Path, f32_bundle: Path, golden, case: str):
+    """Catches any step of the native pipeline that differs from the original: decoding, resize, vision, prompt."""
+    c = golden.cases[case]
+    images = [golden.images[name] for name in c["images"]]
+    proc = run_native(native_cmd, f32_bundle, *images, c["text"], "--greedy", "--max-tokens", golden.max_new_tokens,
+                      "--threads", "2")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode("utf-8") == c["generated_text"] + "\n"
+    assert proc.stderr == b""
+
+
+def test_fp32_rows_match_the_python_runtime(native_cmd: Path, f32_bundle: Path, test_images, tmp_path: Path):
+    """Catches a decoder, orientation or resize that differs from Pillow's, and a wrong ONNX Runtime call."""
+    got = native_rows(native_cmd, f32_bundle, test_images, tmp_path / "rows.f32")
+    want = python_rows(f32_bundle, test_images)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_int8_rows_match_the_python_runtime(native_cmd: Path, default_bundle: Path, test_images, tmp_path: Path):
+    """The default (INT8) bundle: the same dynamic-INT8 graph through the C API."""
+    got = native_rows(native_cmd, default_bundle, test_images, tmp_path / "rows.f32")
+    got = got.reshape(len(test_images) * contract.N_QUERIES, -1)
+    want = python_rows(default_bundle, test_images).reshape(got.shape)
+    cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cosine.min() >= 0.999
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}", "hi"], "manifest.json: missing"),
+    (["{bundle}", "{bad_image}", "hi"], "cannot read image"),
+    (["{bundle}", "hi", "--kv", "q4"], "--kv q4"),
+    (["{bundle}", "hi", "--max-tokens", "0"], "--max-tokens 0"),
+])
+def test_bad_input_is_one_line(native_cmd: Path, f32_bundle: Path, tmp_path: Path, args: list[str], message: str):
+    """Catches tracebacks, crashes, partial answers on stdout and zero exits on bad input."""
+    bad_image = tmp_path / "not-an-image.png"
+    bad_image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    names = {"missing": tmp_path / "nowhere", "bundle": f32_bundle, "bad_image": bad_image}
+    proc = run_native(native_cmd, *[a.format(**names) for a in args])
+    err = proc.stderr.decode()
+    assert proc.returncode != 0 and proc.stdout == b""
+    assert err.count("\n") == 1 and err.startswith("qwenvl-native: error: ") and message in err, err
