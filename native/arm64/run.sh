@@ -54,6 +54,7 @@ if command -v ccache >/dev/null; then
 fi
 
 echo "== configure + build for aarch64 ($build)"
+mkdir -p "$build"  # its logs are written beside it, before cmake creates it (fresh clones)
 t0=$(seconds)
 cmake -S "$repo" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_TOOLCHAIN_FILE="$repo/native/cmake/aarch64-linux-gnu.cmake" \
