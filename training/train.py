@@ -276,19 +276,19 @@ class Trainer:
         # as a box's 24 tokens, so the short answers are not drowned by the grounding digits
         per_answer = mask.sum(1, keepdim=True).expand_as(mask)[mask].float()
         answer_loss = (losses / per_answer).sum() / len(qa)
-        aux = self.aux_loss(self.last_rows, samples)
-        look = self.look_loss(samples)
+        cells = [cell_targets(s) for s in samples]  # one pass over the pixels serves both losses
+        aux = self.aux_loss(self.last_rows, cells)
+        look = self.look_loss(samples, cells)
         self.last_parts = (answer_loss.item(), aux.item(), look.item())
         return answer_loss + AUX_WEIGHT * aux + LOOK_WEIGHT * look
 
-    def look_loss(self, samples: list[T.Sample]) -> torch.Tensor:
+    def look_loss(self, samples: list[T.Sample], cells: list[tuple[np.ndarray, ...]]) -> torch.Tensor:
         """-log of the attention mass that the answer positions put on the rows of the asked-for object.
 
         Teaches the decoder where to look (the object's rows carry its colour, word and box through
         the probe's losses) instead of leaving it to discover that from the answer loss alone.
         """
         (q, k), mask, start, image_of, questions = self.last_look
-        cells = [cell_targets(s) for s in samples]
         losses = []
         for b, (i, question) in enumerate(zip(image_of, questions, strict=True)):
             colour = cells[i][0]
@@ -309,9 +309,8 @@ class Trainer:
             losses.append(-torch.log(mass + 1e-4).mean())
         return torch.stack(losses).mean() if losses else torch.zeros(())
 
-    def aux_loss(self, rows: torch.Tensor, samples: list[T.Sample]) -> torch.Tensor:
+    def aux_loss(self, rows: torch.Tensor, targets: list[tuple[np.ndarray, ...]]) -> torch.Tensor:
         """The probe's loss on every row: colour, shape and word class, and the covering object's box."""
-        targets = [cell_targets(s) for s in samples]
         colour, shape, word = (torch.from_numpy(np.stack([t[k] for t in targets])).reshape(-1) for k in range(3))
         boxes = torch.from_numpy(np.stack([t[3] for t in targets])).reshape(-1, 4)
         out = F.linear(rows.reshape(-1, rows.shape[-1]), self.probe["w"], self.probe["b"])
