@@ -5,13 +5,16 @@
 # llama.cpp's CPU kernels are built as variants chosen at run time (native/cmake/QwenvlCpuVariants.cmake).
 #
 #   native/arm64/run.sh [--build-only]
+#   native/arm64/run.sh --qemu CPU PROGRAM [ARG...]   one aarch64 program of the build under qemu-aarch64 -cpu CPU
+#                                                     (its /proc/cpuinfo and sysroot as the tests get them)
 #
 # Installs nothing. Needs g++-aarch64-linux-gnu, qemu-user (qemu-aarch64), cmake (ninja and ccache are
 # used when there) and a Python with this project installed (PYTHON, default python3) for the llama.cpp
-# source (native/get_llama_cpp_source.py, downloaded once) and the test data.
+# source (native/get_llama_cpp_source.py, downloaded once), ONNX Runtime's aarch64 library (pip download
+# of the onnxruntime wheel of the installed version, once) and the test data.
 # Environment:
 #   QWENVL_ARM64_BUILD   build folder (default native-build/arm64; kept, so a second run only re-links)
-#   QWENVL_ARM64_CACHE   llama.cpp source + ccache (default native-build/arm64-cache; .ci/run points it at
+#   QWENVL_ARM64_CACHE   llama.cpp source + ONNX Runtime + ccache (default native-build/arm64-cache; .ci/run points it at
 #                        the user's cache so fresh clones build warm)
 #   QWENVL_ARM64_CPUS    the qemu CPUs to run on (default "cortex-a76 max")
 #   QWENVL_TEST_DATA     test data folder (python -m tests.native_arm64_data); written to a temp folder if unset
@@ -24,6 +27,7 @@ cache="${QWENVL_ARM64_CACHE:-$repo/native-build/arm64-cache}"
 cpus="${QWENVL_ARM64_CPUS:-cortex-a76 max}"
 python="${PYTHON:-python3}"
 sysroot=/usr/aarch64-linux-gnu
+qemu_root="$build/qemu-root"  # qemu's -L folder: the sysroot's folders + proc/cpuinfo (write_cpuinfo)
 build_only=0
 [ "${1:-}" = "--build-only" ] && build_only=1
 
@@ -36,12 +40,63 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 2
 fi
 
+# qemu-user 7.2 shows the host's x86 /proc/cpuinfo to the guest, on which ONNX Runtime's cpuinfo library
+# crashes while loading; qemu looks every path up under its -L folder first, so the emulated CPU's own
+# /proc/cpuinfo goes there (its MIDR: the CPU type and the cores ONNX Runtime picks kernels by; its
+# features come from the auxiliary vector qemu fills per CPU, the Features line only mirrors them).
+write_cpuinfo() {  # CPU
+    local implementer=0x41 variant=0x4 part=0xd0b revision=1 n
+    local features="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
+    if [ "$1" = max ]; then  # qemu's MIDR for "max" (implementer 0) makes ONNX Runtime warn: shown as a
+        variant=0x2 part=0xd47 revision=0  # Cortex-A710, the first phone core with i8mm + SVE2 as "max" has
+        features="$features sha3 sm3 sm4 sha512 sve asimdfhm flagm sb paca pacg dcpodp sve2 svei8mm svebf16 i8mm bf16 bti"
+    fi
+    mkdir -p "$qemu_root/proc"
+    for entry in "$sysroot"/*; do ln -sfn "$entry" "$qemu_root/$(basename "$entry")"; done
+    for n in $(seq 0 $(($(getconf _NPROCESSORS_CONF) - 1))); do
+        printf 'processor\t: %d\nBogoMIPS\t: 50.00\nFeatures\t: %s\nCPU implementer\t: %s\n' "$n" "$features" "$implementer"
+        printf 'CPU architecture: 8\nCPU variant\t: %s\nCPU part\t: %s\nCPU revision\t: %d\n\n' "$variant" "$part" "$revision"
+    done >"$qemu_root/proc/cpuinfo"
+}
+
+if [ "${1:-}" = "--qemu" ]; then
+    [ $# -ge 3 ] || { echo "usage: run.sh --qemu CPU PROGRAM [ARG...]" >&2; exit 2; }
+    cpu="$2"
+    shift 2
+    write_cpuinfo "$cpu"
+    QEMU_CPU="$cpu" exec qemu-aarch64 -L "$qemu_root" "$@"
+fi
+
 seconds() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(seconds)" 'BEGIN { printf "%.1f", b - a }'; }
 
 echo "== llama.cpp source (the version of the installed llama-cpp-python)"
 llama_src="$("$python" "$repo/native/get_llama_cpp_source.py" --full --cache "$cache/llama-cpp")"
 echo "$llama_src"
+
+echo "== ONNX Runtime for aarch64 (the wheel of the installed onnxruntime's version: x86-64 and ARM64 differ only in CPU)"
+ort_version="$("$python" -c "import importlib.metadata as m; print(m.version('onnxruntime'))")"
+ort_dir="$cache/onnxruntime-$ort_version-aarch64"
+ort_lib="$ort_dir/libonnxruntime.so.$ort_version"
+if [ ! -f "$ort_lib" ]; then
+    mkdir -p "$ort_dir"
+    # manylinux_2_28 (glibc 2.28): Debian 12's cross sysroot has 2.36; the library is the same for every cp3x
+    "$python" -m pip download -q "onnxruntime==$ort_version" --platform manylinux_2_28_aarch64 --only-binary=:all: \
+        --python-version 3.11 --no-deps -d "$ort_dir/wheel" >&2
+    "$python" - "$ort_dir" "$ort_version" <<'PY'
+import sys, zipfile
+from pathlib import Path
+out, version = Path(sys.argv[1]), sys.argv[2]
+(wheel,) = (out / "wheel").glob("onnxruntime-*aarch64.whl")
+name = f"onnxruntime/capi/libonnxruntime.so.{version}"
+tmp = out / (Path(name).name + ".part")
+with zipfile.ZipFile(wheel) as z:
+    tmp.write_bytes(z.read(name))
+tmp.rename(out / Path(name).name)
+PY
+    rm -rf "$ort_dir/wheel"
+fi
+echo "$ort_lib"
 
 generator=()
 if command -v ninja >/dev/null && [ ! -f "$build/Makefile" ]; then
@@ -59,7 +114,8 @@ t0=$(seconds)
 cmake -S "$repo" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_TOOLCHAIN_FILE="$repo/native/cmake/aarch64-linux-gnu.cmake" \
     -DLLAMA_CPP_DIR="$llama_src" -DQWENVL_CPU_VARIANTS=ON -DQWENVL_BUILD_JNI=OFF \
-    -DGGML_OPENMP=OFF -DLLAMA_OPENSSL=OFF "${launcher[@]}" >"$build.configure.log" 2>&1 \
+    -DGGML_OPENMP=OFF -DLLAMA_OPENSSL=OFF -DQWENVL_ORT_LIBRARY="$ort_lib" \
+    -DQWENVL_QEMU_PREFIX="$qemu_root" "${launcher[@]}" >"$build.configure.log" 2>&1 \
     || { tail -20 "$build.configure.log" >&2; exit 1; }
 grep "qwenvl: " "$build.configure.log" | sed 's/^-- //'
 cmake --build "$build" -j "${QWENVL_ARM64_JOBS:-$(nproc)}" >"$build.build.log" 2>&1 \
@@ -81,7 +137,8 @@ status=0
 for cpu in $cpus; do
     echo "== qemu-aarch64 -cpu $cpu"
     t0=$(seconds)
-    if ! QEMU_CPU="$cpu" qemu-aarch64 -L "$sysroot" "$build/bin/qwenvl_cpu_probe" "$data/tiny-Q4_0.gguf" 6 \
+    write_cpuinfo "$cpu"
+    if ! QEMU_CPU="$cpu" qemu-aarch64 -L "$qemu_root" "$build/bin/qwenvl_cpu_probe" "$data/tiny-Q4_0.gguf" 6 \
         | sed "s/^/[$cpu] /"; then
         echo "[$cpu] cpu_probe: FAILED"
         status=1

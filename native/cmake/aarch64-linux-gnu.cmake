@@ -22,7 +22,11 @@ set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
 set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
 set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
 
+# qemu's -L folder: the sysroot, or (native/arm64/run.sh) a folder that links the sysroot's and adds a
+# proc/cpuinfo of the emulated CPU: qemu-user 7.2 passes the host's x86 /proc/cpuinfo through, and ONNX
+# Runtime's cpuinfo library crashes on it at load time (qemu looks a path up under -L first).
+set(QWENVL_QEMU_PREFIX "${QWENVL_CROSS_SYSROOT}" CACHE PATH "qemu-aarch64 -L folder for the test binaries")
 find_program(QWENVL_QEMU_AARCH64 qemu-aarch64)
 if(QWENVL_QEMU_AARCH64)
-  set(CMAKE_CROSSCOMPILING_EMULATOR "${QWENVL_QEMU_AARCH64};-L;${QWENVL_CROSS_SYSROOT}")
+  set(CMAKE_CROSSCOMPILING_EMULATOR "${QWENVL_QEMU_AARCH64};-L;${QWENVL_QEMU_PREFIX}")
 endif()
