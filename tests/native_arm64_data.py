@@ -6,6 +6,10 @@ Written here on x86-64 by the project's own tooling, read there by the aarch64 b
 - ``tiny-Q4_0.gguf``: the same decoder in Q4_0, which llama.cpp repacks into its ARM layouts
   (q4_0_4x4 with dot-product, q4_0_4x8 with i8mm), for ``qwenvl_cpu_probe``.
 
+``write_ppm`` gives ``qwenvl-native`` its images on ARM64 as binary PPM: Debian's aarch64 sysroot has no
+libpng or libjpeg, so the cross-built command reads PPM/PGM only (its own decoder). PPM holds the same
+8-bit RGB as the PNG, so the pixels, and what x86-64 computes from them, are the same.
+
     python -m tests.native_arm64_data OUT     # what run.sh calls when QWENVL_TEST_DATA is not set
 """
 
@@ -14,12 +18,16 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+
+from PIL import Image
 
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.llm_gguf import write_llm_gguf
 from qwenvl_edge.export.synthetic_checkpoint import write_checkpoint
 from qwenvl_edge.quant.gguf_quant import quantize_gguf
+from qwenvl_edge.runtime.preprocess import read_image
 
 F32_NAME, Q4_0_NAME = "tiny-F32.gguf", "tiny-Q4_0.gguf"
 
@@ -34,6 +42,15 @@ def write_arm64_data(out: Path, golden, ckpt: Path) -> Path:
     write_test_data(out, golden, gguf, reader.config.hidden_size)
     quantize_gguf(gguf, out / Q4_0_NAME, "Q4_0", n_threads=2)
     return out
+
+
+def write_ppm(images: Mapping[str, Image.Image | Path], out: Path) -> dict[str, Path]:
+    """Each image as ``out/NAME.ppm``: the upright RGB the runtime reads from it, for the aarch64 ``qwenvl-native``."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = {name: out / f"{name}.ppm" for name in images}
+    for name, image in images.items():
+        read_image(image).image.save(written[name])
+    return written
 
 
 def main(argv: list[str]) -> int:

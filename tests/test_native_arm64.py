@@ -10,28 +10,53 @@ SVE2, ...). What it pins down:
   repacked Q4_0 layout on cortex-a76, the i8mm variant and q4_0_4x8 on max (its system info and
   log, printed by ``qwenvl_cpu_probe``);
 - the repacked Q4_0 kernels of both CPUs give the same greedy ids as x86-64's llama.cpp on the same
-  Q4_0 file and prompt.
+  Q4_0 file and prompt;
+- the whole pipeline in native code, ``qwenvl-native run`` (vision through ONNX Runtime 1.32.0's aarch64
+  library, the same version as x86-64's), answers golden-exact on the tiny golden F32 bundle, as on x86-64;
+- its vision rows match x86-64's onnxruntime on the same pixels: FP32 within 1e-4, INT8 min cosine >= 0.999
+  against x86's FP32;
+- on the trained tiny model (whatever export/data/tiny_trained.npz holds) the Q4_0 and Q4_K_M bundles with
+  INT8 vision give the same answers to task images as the same command on x86-64 (right or not; a grounding
+  box corner may move by BOX_TOLERANCE: see there why).
+The command reads its images as PPM on ARM64 (tests/native_arm64_data.write_ppm says why).
 A missing cross compiler or qemu skips these tests, and fails them under CI=true (.ci/run installs both).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from qwenvl_edge import contract
+from qwenvl_edge.evaluate import synthetic_items
+from tests.conftest import export_for_tests
 from tests.gguf_builds import greedy, load_llama
-from tests.native_arm64_data import Q4_0_NAME, write_arm64_data
+from tests.native_arm64_data import Q4_0_NAME, write_arm64_data, write_ppm
+from tests.native_build import BUILD_ROOT, build_native
+from tests.test_native_command import GOLDEN_CASES, python_rows
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "native" / "arm64" / "run.sh"
 TOOLS = ("aarch64-linux-gnu-g++", "qemu-aarch64", "cmake")
 CPUS = ("cortex-a76", "max")
 PROBE_TOKENS = 6  # run.sh's qwenvl_cpu_probe MODEL 6
+BUILD = Path(os.environ.get("QWENVL_ARM64_BUILD") or REPO / "native-build" / "arm64")  # run.sh's build folder
+# task images per task for the quantized check: one qemu run of the command takes ~30 s on this machine
+# (INT8 vision ~14 s), and each image runs 2 bundles x 2 CPUs; raise it for a longer check
+TASK_IMAGES = int(os.environ.get("QWENVL_ARM64_TASK_IMAGES", "1"))
+TASK_SEED = 1  # images the training never saw (tests/test_tiny_trained.py)
+TASK_TOKENS = 24  # a grounding answer (<ref>...</ref><box>(x,y),(x,y)</box>) fits
+# how far a box corner may move, on Qwen-VL's 0..1000 grid (1 % of the image): ARM's INT8 vision rows differ
+# from x86's in the last digits (max abs 3e-3, min cosine 0.999998 measured), which may flip a near-tie between
+# two coordinate tokens; any other difference (a word, a phrase, a box elsewhere) counts
+BOX_TOLERANCE = 10
 
 pytestmark = pytest.mark.long
 
@@ -41,21 +66,32 @@ def arm64_data(tmp_path_factory: pytest.TempPathFactory, golden, tiny_ckpt: Path
     return write_arm64_data(tmp_path_factory.mktemp("arm64_data"), golden, tiny_ckpt)
 
 
-@pytest.fixture(scope="module")
-def arm64_run(arm64_data: Path) -> str:
-    """run.sh's output: build (warm when .ci/run built it before), then the suite on every CPU."""
+def run_sh(*args: str, env: dict[str, str] | None = None) -> str:
+    """native/arm64/run.sh ARGS: its output (fails, or skips outside CI, when a tool is missing)."""
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         message = f"{', '.join(missing)} missing: apt-get install g++-aarch64-linux-gnu qemu-user cmake"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    env = {**os.environ, "QWENVL_TEST_DATA": str(arm64_data), "PYTHON": sys.executable,
-           "QWENVL_ARM64_CPUS": " ".join(CPUS)}
-    proc = subprocess.run([str(RUN)], capture_output=True, text=True, timeout=3600, env=env)
+    env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+    proc = subprocess.run([str(RUN), *args], capture_output=True, text=True, timeout=3600, env=env)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"native/arm64/run.sh failed ({proc.returncode}):\n{out[-12000:]}"
+    assert proc.returncode == 0, f"native/arm64/run.sh {' '.join(args)} failed ({proc.returncode}):\n{out[-12000:]}"
     return out
+
+
+@pytest.fixture(scope="module")
+def arm64_run(arm64_data: Path) -> str:
+    """run.sh's output: build (warm when .ci/run built it before), then the suite on every CPU."""
+    return run_sh(env={"QWENVL_TEST_DATA": str(arm64_data), "QWENVL_ARM64_CPUS": " ".join(CPUS)})
+
+
+@pytest.fixture(scope="module")
+def arm64_build() -> Path:
+    """The aarch64 build folder (run.sh --build-only: nothing to do when arm64_run or .ci/run built it)."""
+    run_sh("--build-only")
+    return BUILD
 
 
 def probe(out: str, cpu: str) -> dict[str, str]:
@@ -105,3 +141,88 @@ def test_repacked_q4_0_answers_as_on_x86(arm64_run: str, arm64_data: Path):
     x86 = " ".join(map(str, ids))
     for cpu in CPUS:
         assert probe(arm64_run, cpu)["greedy"] == x86, (cpu, probe(arm64_run, cpu))
+
+
+def native_arm64(cpu: str, *args: str | Path | int) -> str:
+    """``qwenvl-native run ARGS`` of the aarch64 build under qemu-aarch64 -cpu CPU: its answer (stdout)."""
+    cmd = [str(RUN), "--qemu", cpu, str(BUILD / "bin" / "qwenvl-native"), "run", *map(str, args), "--threads", "2"]
+    proc = subprocess.run(cmd, capture_output=True, timeout=900)
+    assert proc.returncode == 0 and proc.stderr == b"", (cpu, args, proc.stderr.decode(errors="replace")[-3000:])
+    return proc.stdout.decode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def golden_ppm(golden, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_ppm(golden.images, tmp_path_factory.mktemp("golden_ppm"))
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_native_command_answers_golden_exact(arm64_build: Path, f32_bundle: Path, golden, golden_ppm, case: str,
+                                             cpu: str):
+    """Catches any step of the native pipeline (decoding, resize, ONNX Runtime, prompt, decoder) that ARM64 changes."""
+    c = golden.cases[case]
+    answer = native_arm64(cpu, f32_bundle, *(golden_ppm[name] for name in c["images"]), c["text"], "--greedy",
+                          "--max-tokens", golden.max_new_tokens)
+    assert answer == c["generated_text"] + "\n", (cpu, case)
+
+
+def vision_rows_arm64(cpu: str, bundle: Path, images: list[Path], out: Path) -> np.ndarray:
+    assert native_arm64(cpu, bundle, *images, "rows", "--vision-only", "--rows-out", out) == ""
+    return np.fromfile(out, dtype="<f4").reshape(len(images) * contract.N_QUERIES, -1)
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_vision_rows_match_x86(arm64_build: Path, f32_bundle: Path, default_bundle: Path, golden_ppm, cpu: str,
+                               tmp_path: Path):
+    """Catches ONNX Runtime's ARM kernels (FP32 NEON, INT8 dot-product / i8mm) computing other rows than x86-64's."""
+    images = sorted(golden_ppm.values())
+    x86 = python_rows(f32_bundle, images).reshape(len(images) * contract.N_QUERIES, -1)
+    fp32 = vision_rows_arm64(cpu, f32_bundle, images, tmp_path / "fp32.f32")
+    int8 = vision_rows_arm64(cpu, default_bundle, images, tmp_path / "int8.f32")
+    cosine = (int8 * x86).sum(1) / (np.linalg.norm(int8, axis=1) * np.linalg.norm(x86, axis=1))
+    print(f"[{cpu}] FP32 rows max abs diff {np.abs(fp32 - x86).max():.3g}, INT8 rows min cosine {cosine.min():.6f}")
+    assert np.abs(fp32 - x86).max() <= 1e-4, cpu
+    assert cosine.min() >= 0.999, cpu
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Equal text, box corners within BOX_TOLERANCE."""
+    boxes = re.compile(r"<box>(.*?)</box>")
+    if boxes.sub("<box/>", a) != boxes.sub("<box/>", b):
+        return False
+    corners_a = [int(n) for box in boxes.findall(a) for n in re.findall(r"\d+", box)]
+    corners_b = [int(n) for box in boxes.findall(b) for n in re.findall(r"\d+", box)]
+    return len(corners_a) == len(corners_b) and all(abs(x - y) <= BOX_TOLERANCE
+                                                    for x, y in zip(corners_a, corners_b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def task_items(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, str]]:
+    """(PPM, question) of TASK_IMAGES task images per task (colour, sign, grounding)."""
+    items = synthetic_items(TASK_IMAGES, TASK_SEED)
+    files = write_ppm({f"{i}-{it.task}": it.image for i, it in enumerate(items)}, tmp_path_factory.mktemp("tasks"))
+    return [(path, it.question) for path, it in zip(files.values(), items, strict=True)]
+
+
+@pytest.fixture(scope="module", params=["Q4_0", "Q4_K_M"])
+def trained_quant_bundle(request, trained_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained tiny model with INT8 vision and a 4-bit decoder (Q4_0: ARM's repacked layouts)."""
+    return export_for_tests(trained_ckpt, tmp_path_factory.mktemp("bundle") / request.param, "int8", request.param)
+
+
+def test_quantized_bundles_answer_as_on_x86(arm64_build: Path, trained_quant_bundle: Path, task_items):
+    """Catches ARM INT8 vision or 4-bit decoder kernels that change the trained model's answers."""
+    x86_cmd = build_native(BUILD_ROOT / "host") / "qwenvl-native"
+    differ = []
+    for image, question in task_items:
+        args = [trained_quant_bundle, image, question, "--greedy", "--max-tokens", TASK_TOKENS, "--threads", "2"]
+        proc = subprocess.run([str(x86_cmd), "run", *map(str, args)], capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr.decode()
+        x86 = proc.stdout.decode("utf-8")
+        for cpu in CPUS:
+            arm = native_arm64(cpu, *args[:-2])
+            print(f"{trained_quant_bundle.name} {image.name} [{cpu}] {arm.strip()!r} (x86-64 {x86.strip()!r})")
+            if not same_answer(arm, x86):
+                differ.append((image.name, cpu, arm, x86))
+    assert not differ, differ
