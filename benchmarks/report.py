@@ -214,9 +214,10 @@ def write_report(results: dict, folder: Path) -> None:
         lines.append(f"| {name} | {s['wall_s']:.0f} s | {s['peak_rss_gb']:.2f} GB |")
     lines += ["", "| bundle file | size |", "| --- | --- |"]
     lines += [f"| {name} | {gb:.2f} GB |" for name, gb in e["files_gb"].items()]
-    accuracy = folder / "accuracy.md"  # written by bench_accuracy (the tiny trained model)
-    if accuracy.is_file():
-        lines += ["", accuracy.read_text().rstrip("\n")]
+    # written by bench_accuracy and bench_phone_quality (the tiny trained model)
+    for section in (folder / "accuracy.md", folder / "phone_quality.md"):
+        if section.is_file():
+            lines += ["", section.read_text().rstrip("\n")]
     notes = results.get("notes")
     if notes:
         lines += ["", "## Notes", "", *notes]
