@@ -27,7 +27,7 @@ cache="${QWENVL_ARM64_CACHE:-$repo/native-build/arm64-cache}"
 cpus="${QWENVL_ARM64_CPUS:-cortex-a76 max}"
 python="${PYTHON:-python3}"
 sysroot=/usr/aarch64-linux-gnu
-qemu_root="$build/qemu-root"  # qemu's -L folder: the sysroot's folders + proc/cpuinfo (write_cpuinfo)
+qemu_root="$build/qemu-root"  # ctest's qemu -L folder: the sysroot's folders + proc/cpuinfo (write_cpuinfo)
 build_only=0
 [ "${1:-}" = "--build-only" ] && build_only=1
 
@@ -44,27 +44,29 @@ fi
 # crashes while loading; qemu looks every path up under its -L folder first, so the emulated CPU's own
 # /proc/cpuinfo goes there (its MIDR: the CPU type and the cores ONNX Runtime picks kernels by; its
 # features come from the auxiliary vector qemu fills per CPU, the Features line only mirrors them).
-write_cpuinfo() {  # CPU
+write_cpuinfo() {  # CPU FOLDER
+    local root="$2"
     local implementer=0x41 variant=0x4 part=0xd0b revision=1 n
     local features="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
     if [ "$1" = max ]; then  # qemu's MIDR for "max" (implementer 0) makes ONNX Runtime warn: shown as a
         variant=0x2 part=0xd47 revision=0  # Cortex-A710, the first phone core with i8mm + SVE2 as "max" has
         features="$features sha3 sm3 sm4 sha512 sve asimdfhm flagm sb paca pacg dcpodp sve2 svei8mm svebf16 i8mm bf16 bti"
     fi
-    mkdir -p "$qemu_root/proc"
-    for entry in "$sysroot"/*; do ln -sfn "$entry" "$qemu_root/$(basename "$entry")"; done
+    mkdir -p "$root/proc"
+    for entry in "$sysroot"/*; do ln -sfn "$entry" "$root/$(basename "$entry")"; done
     for n in $(seq 0 $(($(getconf _NPROCESSORS_CONF) - 1))); do
         printf 'processor\t: %d\nBogoMIPS\t: 50.00\nFeatures\t: %s\nCPU implementer\t: %s\n' "$n" "$features" "$implementer"
         printf 'CPU architecture: 8\nCPU variant\t: %s\nCPU part\t: %s\nCPU revision\t: %d\n\n' "$variant" "$part" "$revision"
-    done >"$qemu_root/proc/cpuinfo"
+    done >"$root/proc/cpuinfo.$$"
+    mv "$root/proc/cpuinfo.$$" "$root/proc/cpuinfo"
 }
 
 if [ "${1:-}" = "--qemu" ]; then
     [ $# -ge 3 ] || { echo "usage: run.sh --qemu CPU PROGRAM [ARG...]" >&2; exit 2; }
     cpu="$2"
     shift 2
-    write_cpuinfo "$cpu"
-    QEMU_CPU="$cpu" exec qemu-aarch64 -L "$qemu_root" "$@"
+    write_cpuinfo "$cpu" "$qemu_root-$cpu"  # one folder per CPU: runs on different CPUs may overlap
+    QEMU_CPU="$cpu" exec qemu-aarch64 -L "$qemu_root-$cpu" "$@"
 fi
 
 seconds() { date +%s.%N; }
@@ -137,7 +139,7 @@ status=0
 for cpu in $cpus; do
     echo "== qemu-aarch64 -cpu $cpu"
     t0=$(seconds)
-    write_cpuinfo "$cpu"
+    write_cpuinfo "$cpu" "$qemu_root"
     if ! QEMU_CPU="$cpu" qemu-aarch64 -L "$qemu_root" "$build/bin/qwenvl_cpu_probe" "$data/tiny-Q4_0.gguf" 6 \
         | sed "s/^/[$cpu] /"; then
         echo "[$cpu] cpu_probe: FAILED"
