@@ -91,6 +91,10 @@ def main() -> None:
     ap.add_argument("--native", type=Path, default=NATIVE, help="a host build of qwenvl-native")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
+    if args.n < 1:
+        ap.error("--n must be at least 1")
+    if not args.native.is_file():
+        ap.error(f"{args.native} missing: build it with cmake -S . -B native-build/host")
     items = synthetic_items(args.n, args.seed)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="qwenvl-phone-quality-") as work:

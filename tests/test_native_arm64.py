@@ -16,8 +16,8 @@ SVE2, ...). What it pins down:
 - its vision rows match x86-64's onnxruntime on the same pixels: FP32 within 1e-4, INT8 min cosine >= 0.999
   against x86's FP32;
 - on the trained tiny model (whatever export/data/tiny_trained.npz holds) the Q4_0 and Q4_K_M bundles with
-  INT8 vision give the same answers to task images as the same command on x86-64 (right or not; a grounding
-  box corner may move by BOX_TOLERANCE: see there why).
+  INT8 vision give the same answers to task images as the same command on x86-64 (right or not; an answer
+  that differs must be a near-tie of x86-64's own decoder: see NEAR_TIE).
 The command reads its images as PPM on ARM64 (tests/native_arm64_data.write_ppm says why).
 A missing cross compiler or qemu skips these tests, and fails them under CI=true (.ci/run installs both).
 """

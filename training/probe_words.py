@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
@@ -30,14 +29,12 @@ PROBE_SEED, N_IMAGES, BATCH = 7, 48, 8
 def word_readout(tr: train.Trainer) -> tuple[int, int]:
     """(cells whose word the probe names, sign cells) over N_IMAGES held-out sign images."""
     hit = total = 0
-    start = train.N_COLOUR + train.N_SHAPE
     samples = T.make_set("sign", N_IMAGES, PROBE_SEED)
     with torch.no_grad():
         for i in range(0, len(samples), BATCH):
             chunk = samples[i:i + BATCH]
             rows = tr.vis(tr.p, torch.from_numpy(np.stack([preprocess_image(s.image) for s in chunk])))
-            out = F.linear(rows.reshape(-1, rows.shape[-1]), tr.probe["w"], tr.probe["b"])
-            words = out[:, start + 1:start + train.N_WORD]  # the 16 words, background left out
+            words = tr.probe_heads(rows)[2][:, 1:]  # the 16 words, background left out
             truth = torch.from_numpy(np.stack([train.cell_targets(s)[2] for s in chunk]).reshape(-1))
             on_sign = truth > 0
             hit += int((words[on_sign].argmax(-1) + 1 == truth[on_sign]).sum())
@@ -51,15 +48,15 @@ def main() -> None:
     ap.add_argument("--vision", type=int, nargs=2, metavar=("WIDTH", "LAYERS"), default=None,
                     help="the vision tower size the state was trained with (train.py --vision)")
     args = ap.parse_args()
+    if not args.state.is_file():
+        ap.error(f"{args.state}: no such state file (train.py writes training/out/state.pt)")
     if args.vision:
         train.OVERRIDES["visual"].update(width=args.vision[0], layers=args.vision[1])
     tr = train.Trainer(argparse.Namespace(heldout=1))
     st = torch.load(args.state)
-    with torch.no_grad():
-        for k, v in st["params"].items():
-            tr.p[k].copy_(v)
-        for k, v in st["probe"].items():
-            tr.probe[k].copy_(v)
+    if "probe" not in st:
+        ap.error(f"{args.state}: no probe in this state")
+    tr.load(st)
     hit, total = word_readout(tr)
     print(f"step {st['step']}: the probe names the word of {hit}/{total} sign cells ({hit / total:.1%}; "
           f"chance {1 / len(T.WORDS):.1%})")

@@ -309,12 +309,24 @@ class Trainer:
             losses.append(-torch.log(mass + 1e-4).mean())
         return torch.stack(losses).mean() if losses else torch.zeros(())
 
+    def load(self, st: dict) -> None:
+        """Parameters and probe from a state this script saved (``--state``)."""
+        with torch.no_grad():
+            for k, v in st["params"].items():
+                self.p[k].copy_(v)
+            for k, v in st.get("probe", {}).items():
+                self.probe[k].copy_(v)
+
+    def probe_heads(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The probe on every row: colour, shape and word logits, and the 0..1 box."""
+        out = F.linear(rows.reshape(-1, rows.shape[-1]), self.probe["w"], self.probe["b"])
+        return out.split([N_COLOUR, N_SHAPE, N_WORD, 4], dim=-1)
+
     def aux_loss(self, rows: torch.Tensor, targets: list[tuple[np.ndarray, ...]]) -> torch.Tensor:
         """The probe's loss on every row: colour, shape and word class, and the covering object's box."""
         colour, shape, word = (torch.from_numpy(np.stack([t[k] for t in targets])).reshape(-1) for k in range(3))
         boxes = torch.from_numpy(np.stack([t[3] for t in targets])).reshape(-1, 4)
-        out = F.linear(rows.reshape(-1, rows.shape[-1]), self.probe["w"], self.probe["b"])
-        oc, os_, ow, ob = out.split([N_COLOUR, N_SHAPE, N_WORD, 4], dim=-1)
+        oc, os_, ow, ob = self.probe_heads(rows)
         loss = F.cross_entropy(oc, colour) + F.cross_entropy(os_, shape, ignore_index=-100)
         loss = loss + F.cross_entropy(ow, word)
         has = ~boxes[:, 0].isnan()
@@ -398,11 +410,7 @@ def main() -> None:
     start_step = 0
     if args.state.is_file():
         st = torch.load(args.state)
-        with torch.no_grad():
-            for k, v in st["params"].items():
-                tr.p[k].copy_(v)
-            for k, v in st.get("probe", {}).items():
-                tr.probe[k].copy_(v)
+        tr.load(st)
         if not (args.local_adapter or args.reinit_decoder):
             opt.load_state_dict(st["opt"])
         start_step = st["step"]
