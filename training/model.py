@@ -31,8 +31,8 @@ def resize_pos(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).reshape(grid * grid, -1)
 
 
-def vision(p: Params, pixels: torch.Tensor, heads: int, patch: int = 14) -> torch.Tensor:
-    """[B, 3, S, S] pixels -> [B, 256, D] rows (ViT, cross-attention adapter, ln_post, proj)."""
+def tower(p: Params, pixels: torch.Tensor, heads: int, patch: int = 14) -> torch.Tensor:
+    """[B, 3, S, S] pixels -> [B, g*g, W] ViT outputs, patches row-major (conv1, positions, ln_pre, blocks)."""
     v = "transformer.visual."
     x = F.conv2d(pixels, p[v + "conv1.weight"], stride=patch)  # [B, W, g, g]
     b, w, g, _ = x.shape
@@ -52,6 +52,14 @@ def vision(p: Params, pixels: torch.Tensor, heads: int, patch: int = 14) -> torc
         h = _ln(x, p, r + "ln_2")
         h = F.gelu(F.linear(h, p[r + "mlp.c_fc.weight"], p[r + "mlp.c_fc.bias"]))
         x = x + F.linear(h, p[r + "mlp.c_proj.weight"], p[r + "mlp.c_proj.bias"])
+    return x
+
+
+def vision(p: Params, pixels: torch.Tensor, heads: int, patch: int = 14) -> torch.Tensor:
+    """[B, 3, S, S] pixels -> [B, 256, D] rows (ViT, cross-attention adapter, ln_post, proj)."""
+    v = "transformer.visual."
+    x = tower(p, pixels, heads, patch)
+    b, g = x.shape[0], math.isqrt(x.shape[1])
     a = v + "attn_pool."
     d = p[a + "query"].shape[1]
     kv = _ln(F.linear(x, p[a + "kv_proj.weight"]), p, a + "ln_kv")  # [B, g*g, D]
