@@ -31,7 +31,7 @@ from model import tower  # noqa: E402
 from qwenvl_edge import task_images as T  # noqa: E402
 from qwenvl_edge.runtime.preprocess import preprocess_image  # noqa: E402
 
-HELD_SEED, STREAM_SEED, N_HELD = 12, 99, 160
+HELD_SEED, STREAM_SEED, N_HELD, HELD_CHUNK = 12, 99, 160, 40
 TOWER = tuple("transformer.visual." + n for n in ("conv1.", "positional_embedding", "ln_pre.", "transformer."))
 
 
@@ -72,8 +72,10 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, help="a saved patch CNN: the ViT also learns to predict its "
                     "features at every patch (distillation: 1,024 targets per image instead of one word)")
     args = ap.parse_args()
-    if args.save and args.tower != "patch-cnn":
-        ap.error("--save writes a patch CNN (a teacher); the ViT's state is not kept")
+    if args.minutes <= 0 or args.batch < 1 or args.threads < 1 or args.lr <= 0:
+        ap.error("--minutes and --lr must be above 0, --batch and --threads at least 1")
+    if args.save and (args.tower != "patch-cnn" or not args.save.parent.is_dir()):
+        ap.error(f"--save {args.save}: writes a patch CNN (a teacher) into an existing folder")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tr = train.Trainer(argparse.Namespace(heldout=1))
@@ -100,7 +102,10 @@ def main() -> None:
         if args.tower != "plain" or not args.teacher.is_file():
             ap.error("--teacher needs the plain tower and a file written by patch-cnn --save")
         teacher = PatchCNN(width)
-        teacher.load_state_dict(torch.load(args.teacher))
+        try:
+            teacher.load_state_dict(torch.load(args.teacher))
+        except Exception as e:  # a file of another kind or width: say so in one line
+            ap.error(f"--teacher {args.teacher}: not a patch CNN of width {width} ({type(e).__name__})")
         teacher.requires_grad_(False)
         student = nn.Linear(width, width)  # ViT features -> the teacher's
         opt.add_param_group({"params": list(student.parameters())})
@@ -117,8 +122,11 @@ def main() -> None:
 
     @torch.no_grad()
     def held_out() -> float:
-        return sum((logits(features(held[0][i:i + 40]), held[1][i:i + 40]).argmax(-1) == held[2][i:i + 40]).sum().item()
-                   for i in range(0, N_HELD, 40)) / N_HELD
+        right = 0
+        for i in range(0, N_HELD, HELD_CHUNK):
+            pixels, on_sign, words = (t[i:i + HELD_CHUNK] for t in held)
+            right += int((logits(features(pixels), on_sign).argmax(-1) == words).sum())
+        return right / N_HELD
 
     stream = T.samples("sign", STREAM_SEED)
     t0, step = time.monotonic(), 0
@@ -135,8 +143,11 @@ def main() -> None:
                   f"{(time.monotonic() - t0) / 60:.1f} min", flush=True)
     print(f"{args.tower}: {step * args.batch} images, held-out word read-out {held_out():.1%} "
           f"(chance {1 / len(T.WORDS):.1%})")
-    if args.save and args.tower == "patch-cnn":
-        torch.save(cnn.state_dict(), args.save)
+    if args.save:  # whole or not at all: an interrupted save leaves the old file
+        tmp = args.save.with_name(args.save.name + ".tmp")
+        torch.save(cnn.state_dict(), tmp)
+        tmp.replace(args.save)
+
 
 if __name__ == "__main__":
     main()
