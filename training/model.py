@@ -8,6 +8,7 @@ step and is checked against ``tests/golden/tiny`` (the original implementation's
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +56,13 @@ def tower(p: Params, pixels: torch.Tensor, heads: int, patch: int = 14) -> torch
     return x
 
 
-def vision(p: Params, pixels: torch.Tensor, heads: int, patch: int = 14) -> torch.Tensor:
-    """[B, 3, S, S] pixels -> [B, 256, D] rows (ViT, cross-attention adapter, ln_post, proj)."""
+def vision(p: Params, pixels: torch.Tensor, heads: int, patch: int = 14,
+           tower_fn: Callable[..., torch.Tensor] = tower) -> torch.Tensor:
+    """[B, 3, S, S] pixels -> [B, 256, D] rows (ViT, cross-attention adapter, ln_post, proj).
+
+    ``tower_fn`` computes the ViT (``train.py --grid`` passes ``grid_tower.real_tower``)."""
     v = "transformer.visual."
-    x = tower(p, pixels, heads, patch)
+    x = tower_fn(p, pixels, heads, patch)
     b, g = x.shape[0], math.isqrt(x.shape[1])
     a = v + "attn_pool."
     d = p[a + "query"].shape[1]

@@ -6,10 +6,15 @@ through a linear layer, must name the word (16 words: chance 6.25 %). It prints 
 accuracy (160 signs of another seed) every 25 steps. Towers:
 
 - ``plain``: the ViT as the training recipe starts it (``init_params``);
+- ``grid``: the same architecture with 8 heads, each attending to one neighbouring patch
+  (``grid_tower.py``: a 3 x 3 and a dilated 3 x 3 convolution made of attention), trained in its
+  cheap form;
 - ``patch-cnn``: a reference outside the architecture: a patch embedding and two 3 x 3 convolutions
   on the patch grid (what a ViT would have to become to read as fast).
 
     python training/tower_reads.py plain --batch 32 --minutes 6
+    python training/tower_reads.py patch-cnn --batch 32 --minutes 6 --save cnn.pt
+    python training/tower_reads.py grid --batch 32 --minutes 13 --teacher cnn.pt --save grid.pt
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
+from grid_tower import N_CODE, OFFSETS, shift_tower, start  # noqa: E402
 from model import tower  # noqa: E402
 
 from qwenvl_edge import task_images as T  # noqa: E402
 from qwenvl_edge.runtime.preprocess import preprocess_image  # noqa: E402
 
 HELD_SEED, STREAM_SEED, N_HELD, HELD_CHUNK = 12, 99, 160, 40
-TOWER = tuple("transformer.visual." + n for n in ("conv1.", "positional_embedding", "ln_pre.", "transformer."))
+TOWER = train.TOWER_KEYS
 
 
 class PatchCNN(nn.Module):
@@ -63,23 +69,27 @@ def batch(samples: list[T.Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("tower", choices=("plain", "patch-cnn"))
+    ap.add_argument("tower", choices=("plain", "grid", "patch-cnn"))
     ap.add_argument("--minutes", type=float, default=12.0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--save", type=Path, help="write the trained patch CNN here (a teacher for --teacher)")
+    ap.add_argument("--save", type=Path, help="write the trained patch CNN (a teacher for --teacher) or grid "
+                    "tower (a start for train.py --grid) here")
     ap.add_argument("--teacher", type=Path, help="a saved patch CNN: the ViT also learns to predict its "
                     "features at every patch (distillation: 1,024 targets per image instead of one word)")
     args = ap.parse_args()
     if args.minutes <= 0 or args.batch < 1 or args.threads < 1 or args.lr <= 0:
         ap.error("--minutes and --lr must be above 0, --batch and --threads at least 1")
-    if args.save and (args.tower != "patch-cnn" or not args.save.parent.is_dir()):
-        ap.error(f"--save {args.save}: writes a patch CNN (a teacher) into an existing folder")
+    if args.save and (args.tower == "plain" or not args.save.parent.is_dir()):
+        ap.error(f"--save {args.save}: writes a patch CNN (a teacher) or a grid tower into an existing folder")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.tower == "grid":  # one head per neighbouring patch
+        train.OVERRIDES["visual"]["heads"] = len(OFFSETS)
     tr = train.Trainer(argparse.Namespace(heldout=1))
     width = tr.cfg.visual.width
+    keep = width - N_CODE if args.tower == "grid" else width  # features read out (not the grid's position code)
     if args.tower == "patch-cnn":
         cnn = PatchCNN(width)
         params = list(cnn.parameters())
@@ -88,10 +98,13 @@ def main() -> None:
             return cnn(pixels)
     else:
         params = [v for k, v in tr.p.items() if k.startswith(TOWER)]
+        run = shift_tower if args.tower == "grid" else tower
+        if args.tower == "grid":
+            start(tr.p)
 
         def features(pixels: torch.Tensor) -> torch.Tensor:
-            return tower(tr.p, pixels, tr.cfg.visual.heads)
-    head = nn.Linear(width, len(T.WORDS))
+            return run(tr.p, pixels, tr.cfg.visual.heads)[..., :keep]
+    head = nn.Linear(keep, len(T.WORDS))
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=args.lr, weight_decay=0.01)
 
     def logits(feats: torch.Tensor, on_sign: torch.Tensor) -> torch.Tensor:
@@ -99,15 +112,15 @@ def main() -> None:
 
     teacher, student = None, None
     if args.teacher:
-        if args.tower != "plain" or not args.teacher.is_file():
-            ap.error("--teacher needs the plain tower and a file written by patch-cnn --save")
+        if args.tower == "patch-cnn" or not args.teacher.is_file():
+            ap.error("--teacher needs a ViT tower (plain or grid) and a file written by patch-cnn --save")
         teacher = PatchCNN(width)
         try:
             teacher.load_state_dict(torch.load(args.teacher))
         except Exception as e:  # a file of another kind or width: say so in one line
             ap.error(f"--teacher {args.teacher}: not a patch CNN of width {width} ({type(e).__name__})")
         teacher.requires_grad_(False)
-        student = nn.Linear(width, width)  # ViT features -> the teacher's
+        student = nn.Linear(keep, width)  # ViT features -> the teacher's
         opt.add_param_group({"params": list(student.parameters())})
 
     def distill(pixels: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -145,7 +158,8 @@ def main() -> None:
           f"(chance {1 / len(T.WORDS):.1%})")
     if args.save:  # whole or not at all: an interrupted save leaves the old file
         tmp = args.save.with_name(args.save.name + ".tmp")
-        torch.save(cnn.state_dict(), tmp)
+        torch.save(cnn.state_dict() if args.tower == "patch-cnn"
+                   else {k: v.detach() for k, v in tr.p.items() if k.startswith(TOWER)}, tmp)
         tmp.replace(args.save)
 
 

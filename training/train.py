@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from tiktoken.load import load_tiktoken_bpe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model import decoder_hidden, vision  # noqa: E402
+from grid_tower import N_CODE, OFFSETS, real_params, real_tower  # noqa: E402
+from model import decoder_hidden, tower, vision  # noqa: E402
 
 from qwenvl_edge import contract as C  # noqa: E402
 from qwenvl_edge import task_images as T  # noqa: E402
@@ -55,6 +56,7 @@ TARGET = {"colour": 1.0, "sign": 0.98, "grounding": 0.95}  # held-out accuracy a
 SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 N_NEG = 4096
+TOWER_KEYS = tuple("transformer.visual." + n for n in ("conv1.", "positional_embedding", "ln_pre.", "transformer."))
 GRID = 16  # the 256 adapter queries start as a 16 x 16 grid of 28-pixel cells (local_adapter)
 N_COLOUR, N_SHAPE, N_WORD = len(T.COLOURS) + 2, len(T.SHAPES) + 2, len(T.WORDS) + 1  # + background, + sign
 AUX_WEIGHT = 1.0
@@ -224,9 +226,18 @@ class Trainer:
         self.streams = {t: T.samples(t, SEED) for t in T.TASKS}
         self.heldout = {t: T.make_set(t, args.heldout, HELDOUT_SEED) for t in T.TASKS}
         self.rng = random.Random(SEED)
+        self.grid = getattr(args, "grid", None) is not None  # a grid tower (grid_tower.py), trained in its cheap form
+        self.tower_fn = real_tower if self.grid else tower
 
     def vis(self, p: dict, pixels: torch.Tensor) -> torch.Tensor:
-        return vision(p, pixels, self.cfg.visual.heads)
+        return vision(p, pixels, self.cfg.visual.heads, tower_fn=self.tower_fn)
+
+    def export_params(self) -> dict[str, torch.Tensor]:
+        """The tensors as the checkpoint holds them (a grid tower's queries and keys written out)."""
+        out = dict(self.p)
+        if self.grid:
+            out.update(real_params(self.p, self.cfg.visual.heads))
+        return {k: v.detach() for k, v in out.items()}
 
     def batch(self, n: int) -> tuple[list[T.Sample], list[tuple[int, str, str]]]:
         """``n`` images and their questions: one each, except a grounding image is asked about every shape."""
@@ -328,11 +339,21 @@ class Trainer:
         boxes = torch.from_numpy(np.stack([t[3] for t in targets])).reshape(-1, 4)
         oc, os_, ow, ob = self.probe_heads(rows)
         loss = F.cross_entropy(oc, colour) + F.cross_entropy(os_, shape, ignore_index=-100)
-        loss = loss + F.cross_entropy(ow, word)
+        if not self.grid:  # the recipe of the shipped weights: every sign cell must name the word
+            return loss + F.cross_entropy(ow, word) + self.box_loss(ob, boxes)
+        # the word from the mean of the sign's rows: no one cell of a sign shows the whole word
+        on = (word > 0).float().view(len(targets), -1)
+        signs = on.sum(1) > 0
+        if signs.any():
+            pooled = (ow.view(len(targets), -1, N_WORD) * on[..., None]).sum(1)[signs] / on.sum(1)[signs, None]
+            loss = loss + F.cross_entropy(pooled, word.view(len(targets), -1).max(1).values[signs])
+        return loss + self.box_loss(ob, boxes)
+
+    @staticmethod
+    def box_loss(ob: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Each row covered by an object regresses that object's 0..1 box."""
         has = ~boxes[:, 0].isnan()
-        if has.any():
-            loss = loss + 10 * F.smooth_l1_loss(ob[has], boxes[has], beta=0.02)
-        return loss
+        return 10 * F.smooth_l1_loss(ob[has], boxes[has], beta=0.02) if has.any() else torch.zeros(())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -341,7 +362,8 @@ class Trainer:
         Each answer token is the argmax given the right tokens before it, over the trained rows and
         8192 frozen ones; the bundle's own greedy answers are measured by ``qwenvl-edge eval``.
         """
-        p = {k: bf16(v) for k, v in self.p.items()}
+        p = {k: bf16(v) for k, v in self.export_params().items()}
+        self.tower_fn = tower  # on the exported tensors, as the bundle runs them
         neg = self.frozen_ids[torch.randperm(len(self.frozen_ids), generator=torch.Generator().manual_seed(0))[:8192]]
         ids_of = torch.cat([self.trained_t, neg])
         scores = {}
@@ -356,17 +378,38 @@ class Trainer:
                 k += c
             scores[task] = sum(T.answer_correct(s, a) for s, a in zip(samples, texts, strict=True)) / len(samples)
             scores[task + "_example"] = texts[0]
+        self.tower_fn = real_tower if self.grid else tower
         return scores
 
     def save(self, path: Path, info: dict) -> None:
         """The shipped file: bf16 bits of every trained tensor, the trained rows, and the metadata."""
-        arrays = {k: f32_to_bf16_bits(v.detach().numpy()) for k, v in self.p.items()}
+        arrays = {k: f32_to_bf16_bits(v.numpy()) for k, v in self.export_params().items()}
         meta = {"seed": SEED, "overrides": OVERRIDES, "trained_ids": self.trained, **info}
         arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, **arrays)
         tmp.replace(path)
+
+
+def start_from(tr: Trainer, grid: Path | None, shipped: Path | None) -> None:
+    """A first step's tensors: the grid tower saved by tower_reads.py, a shipped file's adapter and decoder."""
+    from qwenvl_edge.export.tiny_trained import load_shipped
+
+    with torch.no_grad():
+        if shipped:
+            _, arrays = load_shipped(shipped)
+            for k, v in tr.p.items():
+                if k in arrays and not k.startswith(TOWER_KEYS) and arrays[k].size == v.numel():
+                    v.copy_(torch.from_numpy(bf16_bits_to_f32(arrays[k])).view(v.shape))
+        else:
+            for k, v in local_adapter(tr.cfg).items():
+                tr.p[k].copy_(v)
+        if grid:
+            for k, v in torch.load(grid).items():
+                tr.p[k].copy_(v)
+            # the code dimensions carry positions for the attention: the adapter starts blind to them
+            tr.p["transformer.visual.attn_pool.kv_proj.weight"][:, -N_CODE:] = 0
 
 
 def main() -> None:
@@ -391,10 +434,21 @@ def main() -> None:
                     "on CPUs with AVX-512 BF16; the held-out check stays in float32)")
     ap.add_argument("--reinit-decoder", action="store_true",
                     help="start the decoder (and the vocabulary rows) afresh after a resume; resets the optimizer")
+    ap.add_argument("--grid", type=Path, default=None,
+                    help="a vision tower of one head per neighbouring patch (grid_tower.py), trained alone by "
+                    "`tower_reads.py grid --save FILE`: start from it and train it in its cheap form")
+    ap.add_argument("--from-shipped", type=Path, default=None, metavar="NPZ",
+                    help="start the adapter and decoder from weights in the shipped format (e.g. an earlier "
+                    "export/data/tiny_trained.npz)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (timing runs)")
     args = ap.parse_args()
     if args.vision:
         OVERRIDES["visual"].update(width=args.vision[0], layers=args.vision[1])
+    for given in (args.grid, args.from_shipped):
+        if given and not given.is_file():
+            ap.error(f"{given}: no such file")
+    if args.grid:
+        OVERRIDES["visual"]["heads"] = len(OFFSETS)
     if args.decoder_layers:
         OVERRIDES["num_hidden_layers"] = args.decoder_layers
     torch.set_num_threads(args.threads)
@@ -422,7 +476,9 @@ def main() -> None:
             for k, v in fresh.items():
                 if k.startswith("transformer.h.") or k.startswith("transformer.ln_f") or k.endswith("#rows"):
                     tr.p[k].copy_(v)
-    if args.local_adapter or start_step == 0:
+    if start_step == 0 and (args.grid or args.from_shipped):
+        start_from(tr, args.grid, args.from_shipped)
+    elif args.local_adapter or start_step == 0:
         with torch.no_grad():
             for k, v in local_adapter(tr.cfg).items():
                 tr.p[k].copy_(v)
