@@ -177,6 +177,20 @@ def real_tower(p: dict[str, torch.Tensor], pixels: torch.Tensor, heads: int, pat
     return tower(real_params(p, heads), pixels, heads, patch)
 
 
+def load_tower(path: Path, p: dict[str, torch.Tensor]) -> None:
+    """Copy a grid tower saved by ``tower_reads.py grid --save`` into ``p``; ValueError (one line) for
+    a file that is not one, or not of this size."""
+    try:
+        saved = torch.load(path)  # weights_only: a hostile pickle is refused, not run
+        if not saved or any(k not in p or p[k].shape != v.shape for k, v in saved.items()):
+            raise ValueError("other tensors")
+    except Exception as e:
+        raise ValueError(f"{path}: not a grid tower of this size ({type(e).__name__})") from None
+    with torch.no_grad():
+        for k, v in saved.items():
+            p[k].copy_(v)
+
+
 def start(p: dict[str, torch.Tensor]) -> None:
     """Adjust the recipe's init (``train.init_params``) for a grid tower, in place.
 
@@ -218,9 +232,10 @@ def main() -> None:
     tr = train.Trainer(argparse.Namespace(heldout=1))
     start(tr.p)
     if args.tower_file:
-        with torch.no_grad():
-            for k, v in torch.load(args.tower_file).items():
-                tr.p[k].copy_(v)
+        try:
+            load_tower(args.tower_file, tr.p)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     images = [s.image for task in T.TASKS for s in T.make_set(task, 4, 5)]
     pixels = torch.from_numpy(np.stack([preprocess_image(im) for im in images]))
     with torch.no_grad():

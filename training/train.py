@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tiktoken.load import load_tiktoken_bpe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid_tower import N_CODE, OFFSETS, real_params, real_tower  # noqa: E402
+from grid_tower import N_CODE, OFFSETS, load_tower, real_params, real_tower  # noqa: E402
 from model import decoder_hidden, tower, vision  # noqa: E402
 
 from qwenvl_edge import contract as C  # noqa: E402
@@ -226,11 +226,12 @@ class Trainer:
         self.streams = {t: T.samples(t, SEED) for t in T.TASKS}
         self.heldout = {t: T.make_set(t, args.heldout, HELDOUT_SEED) for t in T.TASKS}
         self.rng = random.Random(SEED)
-        self.grid = getattr(args, "grid", None) is not None  # a grid tower (grid_tower.py), trained in its cheap form
-        self.tower_fn = real_tower if self.grid else tower
+        self.grid = getattr(args, "grid", None) is not None  # a grid tower (grid_tower.py), real attention
 
-    def vis(self, p: dict, pixels: torch.Tensor) -> torch.Tensor:
-        return vision(p, pixels, self.cfg.visual.heads, tower_fn=self.tower_fn)
+    def vis(self, p: dict, pixels: torch.Tensor, exported: bool = False) -> torch.Tensor:
+        """Image rows; ``exported``: ``p`` holds the checkpoint's tensors (``export_params``)."""
+        tower_fn = real_tower if self.grid and not exported else tower
+        return vision(p, pixels, self.cfg.visual.heads, tower_fn=tower_fn)
 
     def export_params(self) -> dict[str, torch.Tensor]:
         """The tensors as the checkpoint holds them (a grid tower's queries and keys written out)."""
@@ -251,10 +252,10 @@ class Trainer:
                 qa.append((i, s.question, s.answer))
         return samples, qa
 
-    def hidden(self, p: dict, samples: list[T.Sample], qa: list[tuple[int, str, str]]):
+    def hidden(self, p: dict, samples: list[T.Sample], qa: list[tuple[int, str, str]], exported: bool = False):
         """Final hidden states at the answer positions [N, H] and their target local ids [N]."""
         pixels = torch.from_numpy(np.stack([preprocess_image(s.image) for s in samples]))
-        self.last_rows = all_rows = self.vis(p, pixels)
+        self.last_rows = all_rows = self.vis(p, pixels, exported)
         rows = all_rows[torch.tensor([i for i, _, _ in qa])]
         seqs, plens = [], []
         for _, question, answer in qa:
@@ -362,14 +363,13 @@ class Trainer:
         Each answer token is the argmax given the right tokens before it, over the trained rows and
         8192 frozen ones; the bundle's own greedy answers are measured by ``qwenvl-edge eval``.
         """
-        p = {k: bf16(v) for k, v in self.export_params().items()}
-        self.tower_fn = tower  # on the exported tensors, as the bundle runs them
+        p = {k: bf16(v) for k, v in self.export_params().items()}  # as the bundle runs them
         neg = self.frozen_ids[torch.randperm(len(self.frozen_ids), generator=torch.Generator().manual_seed(0))[:8192]]
         ids_of = torch.cat([self.trained_t, neg])
         scores = {}
         for task, samples in self.heldout.items():
             qa = [(i, s.question, s.answer) for i, s in enumerate(samples)]
-            h, _, mask = self.hidden(p, samples, qa)
+            h, _, mask = self.hidden(p, samples, qa, exported=True)
             pred = ids_of[self.logits(p, h, neg).argmax(-1)].tolist()
             counts = mask.sum(1).tolist()
             texts, k = [], 0
@@ -378,7 +378,6 @@ class Trainer:
                 k += c
             scores[task] = sum(T.answer_correct(s, a) for s, a in zip(samples, texts, strict=True)) / len(samples)
             scores[task + "_example"] = texts[0]
-        self.tower_fn = real_tower if self.grid else tower
         return scores
 
     def save(self, path: Path, info: dict) -> None:
@@ -398,16 +397,18 @@ def start_from(tr: Trainer, grid: Path | None, shipped: Path | None) -> None:
 
     with torch.no_grad():
         if shipped:
-            _, arrays = load_shipped(shipped)
-            for k, v in tr.p.items():
-                if k in arrays and not k.startswith(TOWER_KEYS) and arrays[k].size == v.numel():
-                    v.copy_(torch.from_numpy(bf16_bits_to_f32(arrays[k])).view(v.shape))
+            try:
+                _, arrays = load_shipped(shipped)
+                for k, v in tr.p.items():
+                    if k in arrays and not k.startswith(TOWER_KEYS) and arrays[k].size == v.numel():
+                        v.copy_(torch.from_numpy(bf16_bits_to_f32(arrays[k])).view(v.shape))
+            except Exception as e:  # not an npz of the shipped format: one line
+                raise ValueError(f"{shipped}: not weights in the shipped format ({type(e).__name__})") from None
         else:
             for k, v in local_adapter(tr.cfg).items():
                 tr.p[k].copy_(v)
         if grid:
-            for k, v in torch.load(grid).items():
-                tr.p[k].copy_(v)
+            load_tower(grid, tr.p)
             # the code dimensions carry positions for the attention: the adapter starts blind to them
             tr.p["transformer.visual.attn_pool.kv_proj.weight"][:, -N_CODE:] = 0
 
@@ -436,7 +437,7 @@ def main() -> None:
                     help="start the decoder (and the vocabulary rows) afresh after a resume; resets the optimizer")
     ap.add_argument("--grid", type=Path, default=None,
                     help="a vision tower of one head per neighbouring patch (grid_tower.py), trained alone by "
-                    "`tower_reads.py grid --save FILE`: start from it and train it in its cheap form")
+                    "`tower_reads.py grid --save FILE`: start from it and train it through the real attention")
     ap.add_argument("--from-shipped", type=Path, default=None, metavar="NPZ",
                     help="start the adapter and decoder from weights in the shipped format (e.g. an earlier "
                     "export/data/tiny_trained.npz)")
@@ -477,7 +478,10 @@ def main() -> None:
                 if k.startswith("transformer.h.") or k.startswith("transformer.ln_f") or k.endswith("#rows"):
                     tr.p[k].copy_(v)
     if start_step == 0 and (args.grid or args.from_shipped):
-        start_from(tr, args.grid, args.from_shipped)
+        try:
+            start_from(tr, args.grid, args.from_shipped)
+        except ValueError as e:
+            ap.error(str(e))
     elif args.local_adapter or start_step == 0:
         with torch.no_grad():
             for k, v in local_adapter(tr.cfg).items():
