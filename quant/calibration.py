@@ -15,8 +15,8 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from PIL import Image, ImageDraw, ImageFilter
 
-from qwenvl_edge.contract import VISION_INPUT
-from qwenvl_edge.runtime.preprocess import IMAGE_SIZE, ImageSource, load_image, preprocess_image
+from qwenvl_edge.contract import IMAGE_SIZE, VISION_INPUT  # the exporter's: no bundle exists yet
+from qwenvl_edge.runtime.preprocess import ImageSource, load_image, preprocess_image
 
 CALIBRATION_SEED = 0
 HELDOUT_SEED = 1

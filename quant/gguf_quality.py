@@ -99,6 +99,18 @@ def measure_gguf_quality(reference: Path, candidate: Path, prompts: Sequence[str
     return {"reference": Path(reference).name, "prompts": len(prompts), **compare_next_token(ref, cand)}
 
 
-def format_gguf_quality(report: dict) -> str:
-    return (f"{report['positions']} positions: top-1 agreement {report['top1_agreement']:.3f}, "
-            f"KL mean {report['kl_mean']:.4f} max {report['kl_max']:.4f} nats")
+def measure_gguf_quality_in_worker(reference: Path, candidate: Path, prompts: Sequence[str] = DEFAULT_PROMPTS,
+                                   n_threads: int | None = None, progress: Progress | None = None) -> dict:
+    """``measure_gguf_quality`` in a worker process (``gguf_quant.run_in_worker``): a signal stops it at once,
+    even inside a long llama.cpp call, and the worker is dead before the interrupt unwinds."""
+    from qwenvl_edge.quant.gguf_quant import run_in_worker
+
+    job = {"reference": str(reference), "candidate": str(candidate), "prompts": list(prompts), "n_threads": n_threads}
+    return run_in_worker("quality", job, progress)
+
+
+def format_gguf_quality(report: dict, reference: str = "the reference") -> str:
+    """One line that says what each number measures (the README's benchmark numbers measure other things)."""
+    return (f"greedy top-1 agreement with {reference} on {report['positions']} calibration positions "
+            f"{100 * report['top1_agreement']:.1f} %, KL({reference} || quantized) mean {report['kl_mean']:.4f} "
+            f"max {report['kl_max']:.4f} nats")

@@ -91,6 +91,23 @@ class PieceRunner:
             self._advance(session, acts, inputs, outputs, live)
         del session
 
+    def advance_reference(self, fp32_path: Path, inputs: Sequence[str], outputs: Sequence[str],
+                          live_after: Sequence[str]) -> None:
+        """Advance the FP32 chain alone through one piece (the sensitivity pass has no INT8 chain to carry)."""
+        session = _session(fp32_path, self.n_threads)
+        for acts in self.fp32:
+            self._advance(session, acts, inputs, outputs, set(live_after))
+        del session
+
+    def outputs_on_reference(self, path: Path, set_name: str, inputs: Sequence[str],
+                             outputs: Sequence[str]) -> list[np.ndarray]:
+        """``path``'s outputs (one array each, images stacked) when fed the FP32 chain's activations of a set:
+        what a piece does on its own, free of the error earlier pieces bring in."""
+        session = _session(path, self.n_threads)
+        per_image = [session.run(list(outputs), {k: self.fp32[i][k] for k in inputs}) for i in self.set_ids[set_name]]
+        del session
+        return [np.concatenate([got[j] for got in per_image]) for j in range(len(outputs))]
+
     def rows(self, set_name: str, output: str) -> tuple[np.ndarray, np.ndarray]:
         """(FP32 rows, INT8 rows) of one image set, [n, 256, hidden] each."""
         ids = self.set_ids[set_name]
@@ -104,3 +121,19 @@ def format_quality(report: Mapping[str, Mapping[str, float]]) -> str:
         f"{name}: {int(m['images'])} images, row cosine min {m['cosine_min']:.4f} mean {m['cosine_mean']:.4f}, "
         f"relative error max {m['rel_error_max']:.4f} mean {m['rel_error_mean']:.4f}"
         for name, m in report.items())
+
+
+def format_floor(floor: Mapping) -> str:
+    """The export's line on the ``--int8-floor`` check: what was kept in float, and the worst row before/after."""
+    before, after, kept = floor["cosine_min_before"], floor["cosine_min_after"], floor["kept_in_float"]
+    if not kept:
+        return (f"int8 floor {floor['floor']}: worst row cosine {before:.4f} on the calibration images holds it; "
+                "no MatMul kept in float")
+    text = (f"int8 floor {floor['floor']}: worst row cosine {before:.4f} -> {after:.4f} on the calibration images "
+            f"with {len(kept)} of {floor['candidates']} quantizable MatMuls kept in float (most sensitive first): "
+            f"{', '.join(kept)}")
+    if not floor["met"]:
+        text += f"; the floor is still not met with every one in float ({after:.6f})"
+    elif floor.get("all_float"):
+        text += "; every one is in float: vision.onnx is as large as FP32 (--vision fp32 or a lower floor)"
+    return text

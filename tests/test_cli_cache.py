@@ -46,7 +46,7 @@ def test_cache_unknown_kind(capsys) -> None:
 
 
 def test_cache_shows_and_clears_export_resume_folders(capsys) -> None:
-    from qwenvl_edge.export_stages import export_cache_root
+    from qwenvl_edge.bundler.export_stages import export_cache_root
 
     stage = export_cache_root() / "0123abcd-int8-Q4_K_M" / "vision_fp32"
     stage.mkdir(parents=True)

@@ -10,11 +10,11 @@ import onnx
 import pytest
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from qwenvl_edge.bundler.export_progress import OverallProgress
+from qwenvl_edge.bundler.export_stages import StageCache, clear_export_cache, export_cache_root
 from qwenvl_edge.errors import QwenVLError
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.vision_onnx import build_vision_onnx
-from qwenvl_edge.export_progress import OverallProgress
-from qwenvl_edge.export_stages import StageCache, clear_export_cache, export_cache_root
 from qwenvl_edge.quant.gguf_quality import compare_next_token
 from qwenvl_edge.quant.onnx_int8 import DEFAULT_EXCLUDE, quantize_vision, weight_matmuls
 from qwenvl_edge.quant.onnx_pieces import plan_pieces
@@ -80,7 +80,7 @@ def test_stage_cache_reuses_verifies_and_clears(tmp_path: Path, monkeypatch: pyt
 
     cache = StageCache(folder)
     assert cache.run("one", make)["report"] == {"n": 1}
-    with pytest.raises(QwenVLError, match="another export"):
+    with pytest.raises(QwenVLError, match=r"an export of this job is running \(pid \d+\)"):
         StageCache(folder)  # the same job, at the same time
     cache.close(remove=False)
     cache = StageCache(folder)

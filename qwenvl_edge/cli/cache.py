@@ -7,6 +7,8 @@ and the demo that live in the same folder are never touched.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qwenvl_edge.errors import OptionError
 
 KINDS = {
@@ -33,11 +35,28 @@ def open_store():
 
 def export_folders_size() -> tuple[int, int]:
     """(resume folders, bytes) under the export cache (``export_stages``), which the store does not own."""
-    from qwenvl_edge.export_stages import export_cache_root
+    from qwenvl_edge.bundler.export_stages import resume_folders
 
-    root = export_cache_root()
-    folders = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
-    return len(folders), sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
+    folders = resume_folders()
+    return len(folders), sum(f.lstat().st_size for d in folders for f in d.rglob("*") if f.is_file()
+                             and not f.is_symlink())
+
+
+def check_clear(folder: Path, kinds: list[str]) -> None:
+    """Before ``cache clear`` removes anything: no symlinked cache folder (root, kind, or a kind's
+    subfolder) is followed, and a running export's resume folder is refused (one line, nothing removed)."""
+    from qwenvl_edge.bundler.export_stages import check_cache_folders, check_no_running_export, real_folder
+
+    real_folder(folder, "cache folder")
+    for kind in kinds:
+        if kind == "export":
+            check_cache_folders()
+            check_no_running_export()
+            continue
+        real_folder(folder / kind, f"{kind} cache folder")
+        if (folder / kind).is_dir():
+            for sub in (folder / kind).iterdir():
+                real_folder(sub, f"{kind} cache folder")
 
 
 def human(n: float) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -25,24 +26,28 @@ from pathlib import Path
 from typing import Any
 
 from qwenvl_edge import __version__, contract
-from qwenvl_edge.errors import QwenVLError
-from qwenvl_edge.export.checkpoint import CheckpointReader
-from qwenvl_edge.export_progress import OverallProgress
-from qwenvl_edge.export_stages import StageCache, export_cache_root, job_fingerprint
-from qwenvl_edge.export_target import (
+from qwenvl_edge.bundler.export_progress import OverallProgress
+from qwenvl_edge.bundler.export_stages import StageCache, export_cache_root, job_fingerprint
+from qwenvl_edge.bundler.export_target import (
+    OldBundle,
     check_target,
     disk_space_errors,
     partial_name,
+    replace_folder,
     sweep_stale,
     terminate_as_interrupt,
 )
+from qwenvl_edge.errors import CheckpointError, QwenVLError
+from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.onnx_files import relocate_model
+from qwenvl_edge.quant.registry import DEFAULT_INT8_FLOOR, DEFAULT_LLM_TYPE, FLOAT_LLM_TYPES, check_int8_floor
 from qwenvl_edge.runtime.bundle import LLM_FILE, VISION_FILE, ModelInfo, make_manifest
+from qwenvl_edge.validate import json_file
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-FLOAT_GGUF_TYPES = ("F32", "F16", "BF16")
+FLOAT_GGUF_TYPES = FLOAT_LLM_TYPES
 VISION_PRECISIONS = ("int8", "fp32")
 FP32_VISION = "vision_fp32.onnx"
 LLM_SOURCE = "llm-bf16.gguf"
@@ -56,8 +61,9 @@ STAGE_COST = {"vision_fp32": 41 / 7.7e9, "vision_int8": 366 / 7.7e9, "llm_gguf":
 class ExportOptions:
     vision: str = "int8"  # int8 | fp32
     vision_scheme: str | None = None  # None: quant's default scheme
+    int8_floor: float = DEFAULT_INT8_FLOOR  # worst INT8 row cosine accepted; below it sensitive MatMuls stay float
     calibration_images: tuple[Path, ...] = ()
-    llm: str = "Q4_K_M"
+    llm: str = DEFAULT_LLM_TYPE
     keep_fp32_vision: bool = False  # keep vision_fp32.onnx beside the INT8 one (benchmark baseline)
     n_threads: int | None = None
     force: bool = False
@@ -66,18 +72,23 @@ class ExportOptions:
 
 
 def model_info(reader: CheckpointReader) -> ModelInfo:
-    """The manifest's model section, from config.json and generation_config.json."""
+    """The manifest's model section, from config.json and generation_config.json (data: types checked)."""
     cfg = reader.config
     gen_path = reader.folder / "generation_config.json"
-    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
-    return ModelInfo(
-        hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, seq_length=cfg.seq_length,
-        image_size=cfg.visual.image_size, n_queries=cfg.visual.n_queries,
-        image_start_id=cfg.visual.image_start_id,
-        eos_token_id=int(gen.get("eos_token_id", contract.EOS_ID)),
-        top_p=float(gen.get("top_p", contract.TOP_P)), top_k=int(gen.get("top_k", contract.TOP_K)),
-        max_new_tokens=int(gen.get("max_new_tokens", contract.MAX_NEW_TOKENS)),
-    )
+    gen = json_file(gen_path, CheckpointError, "generation_config.json") if gen_path.is_file() else {}
+    if not isinstance(gen, dict):
+        raise CheckpointError(f"{gen_path}: corrupt generation_config.json: not a JSON object")
+    try:
+        return ModelInfo(
+            hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, seq_length=cfg.seq_length,
+            image_size=cfg.visual.image_size, n_queries=cfg.visual.n_queries,
+            image_start_id=cfg.visual.image_start_id,
+            eos_token_id=int(gen.get("eos_token_id", contract.EOS_ID)),
+            top_p=float(gen.get("top_p", contract.TOP_P)), top_k=int(gen.get("top_k", contract.TOP_K)),
+            max_new_tokens=int(gen.get("max_new_tokens", contract.MAX_NEW_TOKENS)),
+        )
+    except (TypeError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"{gen_path}: corrupt generation_config.json: {e}") from None
 
 
 def check_options(opts: ExportOptions) -> None:
@@ -89,6 +100,10 @@ def check_options(opts: ExportOptions) -> None:
         raise QwenVLError(f"--vision-scheme {opts.vision_scheme!r}: choose one of {', '.join(SCHEMES)}")
     if opts.vision not in VISION_PRECISIONS:
         raise QwenVLError(f"--vision {opts.vision!r}: choose {' or '.join(VISION_PRECISIONS)}")
+    try:
+        check_int8_floor(opts.int8_floor)
+    except ValueError as e:
+        raise QwenVLError(str(e)) from None
     if opts.llm not in LLM_TYPES:
         raise QwenVLError(f"--llm {opts.llm!r}: choose one of {', '.join(LLM_TYPES)}")
     for image in opts.calibration_images:
@@ -101,7 +116,8 @@ def _job_options(opts: ExportOptions) -> dict[str, Any]:
     images = [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns)
               for p in opts.calibration_images]
     return {"vision": opts.vision, "scheme": opts.vision_scheme, "calibration": images, "llm": opts.llm,
-            "measure_llm": opts.measure_llm, "version": __version__}
+            "measure_llm": opts.measure_llm, "version": __version__,
+            **({"int8_floor": float(opts.int8_floor)} if opts.vision == "int8" else {})}
 
 
 class Exporter:
@@ -132,6 +148,9 @@ class Exporter:
         from qwenvl_edge.export.vision_onnx import build_vision_onnx
 
         int8 = self.opts.vision == "int8"
+        if int8 and self.cache.done("vision_int8") and not _same_floor(self.cache.records["vision_int8"], self.opts):
+            self.cache.say("resume: stage vision_int8 was made for another --int8-floor; redoing it")
+            self.cache.forget("vision_int8")
         if int8 and self.cache.dropped("vision_fp32") and not self.cache.done("vision_int8"):
             self.cache.forget("vision_fp32")  # its files were deleted after use, but their user must be redone
         if not (int8 and self.cache.done("vision_int8") and self.cache.dropped("vision_fp32")):
@@ -150,7 +169,7 @@ class Exporter:
             say(f"vision: warning: scheme {scheme!r}: {SCHEMES[scheme].caveat}")
         return quantize_vision(self.cache.path(FP32_VISION), folder / VISION_FILE, scheme=scheme,
                                calibration_images=list(self.opts.calibration_images) or None,
-                               n_threads=self.opts.n_threads, progress=say)
+                               n_threads=self.opts.n_threads, progress=say, floor=self.opts.int8_floor)
 
     def llm(self) -> None:
         from qwenvl_edge.export.llm_gguf import write_llm_gguf
@@ -180,12 +199,12 @@ class Exporter:
         return {}
 
     def _measure_llm(self, _folder: Path, say: Progress) -> dict[str, Any]:
-        from qwenvl_edge.quant.gguf_quality import format_gguf_quality, measure_gguf_quality
+        from qwenvl_edge.quant.gguf_quality import format_gguf_quality, measure_gguf_quality_in_worker
 
-        report = measure_gguf_quality(self.cache.path(LLM_SOURCE), self.cache.path(LLM_FILE),
-                                      n_threads=self.opts.n_threads, progress=say)
+        report = measure_gguf_quality_in_worker(self.cache.path(LLM_SOURCE), self.cache.path(LLM_FILE),
+                                                n_threads=self.opts.n_threads, progress=say)
         report["reference"] = "BF16 (the checkpoint's own bits)"
-        say(f"llm {self.opts.llm} vs BF16: {format_gguf_quality(report)}")
+        say(f"llm {self.opts.llm}: {format_gguf_quality(report, 'BF16')}")
         return report
 
     def assemble(self, work: Path, checkpoint: Path) -> dict[str, Any]:
@@ -230,6 +249,40 @@ class Exporter:
         return manifest
 
 
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _llm_quality_report(report: dict[str, Any]) -> bool:
+    """A resumed ``llm_quality`` report (a stage with no files to hash) has the numbers the manifest needs."""
+    positions = report.get("positions")
+    return (type(positions) is int and positions > 0
+            and all(_number(report.get(k)) for k in ("kl_mean", "kl_max", "kl_p99", "top1_agreement")))
+
+
+def _vision_int8_report(report: dict[str, Any]) -> bool:
+    """A resumed ``vision_int8`` report has the row-quality numbers the manifest and the CLI print."""
+    quality = report.get("quality")
+    keys = ("images", "cosine_min", "cosine_mean", "rel_error_max", "rel_error_mean")
+    return (isinstance(report.get("scheme"), str) and isinstance(quality, dict) and bool(quality)
+            and all(isinstance(m, dict) and all(_number(m.get(k)) for k in keys) for m in quality.values()))
+
+
+def _same_floor(record: dict[str, Any], opts: ExportOptions) -> bool:
+    """A finished ``vision_int8`` stage is reused only when it was made for this ``--int8-floor`` (the folder's
+    name holds the floor too: this catches a record written by hand or by an older version)."""
+    floor = record["report"].get("floor")
+    if not isinstance(floor, dict) or not all(_number(floor.get(k)) for k in ("floor", "cosine_min_before",
+                                                                               "cosine_min_after", "candidates")):
+        return False
+    kept = floor.get("kept_in_float")
+    return (floor["floor"] == float(opts.int8_floor) and isinstance(floor.get("met"), bool)
+            and isinstance(kept, list) and all(isinstance(k, str) for k in kept))
+
+
+STAGE_REPORTS = {"llm_quality": _llm_quality_report, "vision_int8": _vision_int8_report}
+
+
 def _owner(records: dict[str, dict[str, Any]], name: str) -> str:
     return next(stage for stage, r in records.items() if name in r["files"])
 
@@ -253,15 +306,29 @@ def _move(src: Path, dst: Path) -> None:
         src.unlink()
 
 
-def _replace_folder(work: Path, out: Path) -> None:
-    """``work`` takes ``out``'s name; an old bundle there is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / partial_name(out.name + ".old")
-        out.rename(old)
-    work.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _replace_folder(work: Path, out: Path, old: OldBundle | None, progress: Progress) -> None:
+    """``work`` takes ``out``'s name; of an old bundle there only its verified files are deleted."""
+    kept = replace_folder(work, out, old)
+    if kept is not None:
+        progress(f"kept {kept}: files were added to the old bundle folder while it was being replaced")
+
+
+def _prepare_work(out: Path) -> Path:
+    """Create OUT's parent and the partial folder now, so an output place that cannot be written
+    (read-only, a file, a parent that cannot be made) fails in one line before any stage runs."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QwenVLError(f"{out}: cannot create its folder {out.parent} ({e.strerror or e}); "
+                          "choose another output folder") from None
+    work = out.parent / partial_name(out.name)
+    try:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+    except OSError as e:
+        raise QwenVLError(f"{out}: cannot write in {out.parent} ({e.strerror or e}); "
+                          "choose another output folder") from None
+    return work
 
 
 def export_bundle(checkpoint: Path, out: Path, opts: ExportOptions = ExportOptions(),
@@ -269,30 +336,31 @@ def export_bundle(checkpoint: Path, out: Path, opts: ExportOptions = ExportOptio
     """Export ``checkpoint`` into the bundle folder ``out``; all or nothing."""
     out = Path(out)
     check_options(opts)
-    check_target(checkpoint, out, opts.force)
+    old = check_target(checkpoint, out, opts.force)
     reader = CheckpointReader(checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in sweep_stale(out.parent, f".{out.name}."):
-        progress(f"removed {stale.name}, left by an export that was killed")
+    model_info(reader)  # a bad generation_config.json fails now, not after the stages
+    if out.parent.is_dir():
+        for stale in sweep_stale(out.parent, f".{out.name}."):
+            progress(f"removed {stale.name}, left by an export that was killed")
     started = time.monotonic()
     job = job_fingerprint([*reader.files, reader.folder / "config.json"], _job_options(opts))
     with terminate_as_interrupt():
-        cache = StageCache(export_cache_root() / job, fresh=opts.fresh, progress=progress)
-        work = out.parent / partial_name(out.name)
-        success = False
+        work = _prepare_work(out)
+        success, cache = False, None
         try:
+            cache = StageCache(export_cache_root() / job, fresh=opts.fresh, progress=progress,
+                               reports=STAGE_REPORTS)
             exporter = Exporter(reader, opts, cache, progress)
             exporter.vision()
             exporter.llm()
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir()
             with disk_space_errors(out.parent, "the bundle"):
                 manifest = exporter.assemble(work, checkpoint)
                 (work / contract.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            _replace_folder(work, out)
+            _replace_folder(work, out, old, progress)
             success = True
         finally:
             shutil.rmtree(work, ignore_errors=True)
-            cache.close(remove=success)
+            if cache is not None:
+                cache.close(remove=success)
     progress(f"bundle: done in {time.monotonic() - started:.1f} s -> {out}")
     return out
