@@ -122,19 +122,23 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 def completion(request: tuple[str, int], model: str, text: str, finish_reason: str, boxes: Sequence[dict],
-               counts: dict) -> dict:
-    """One ``chat.completion`` object (``counts`` from ``usage``)."""
+               counts: dict, logprobs: list[dict] | None = None) -> dict:
+    """One ``chat.completion`` object (``counts`` from ``usage``; ``logprobs``: the tokens' entries, if asked)."""
     return {"id": request[0], "object": "chat.completion", "created": request[1], "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None if logprobs is None else {"content": logprobs},
                          "finish_reason": finish_reason, "boxes": list(boxes)}],
             "usage": counts}
 
 
 def chunk(request: tuple[str, int], model: str, delta: dict, finish_reason: str | None = None,
-          boxes: Sequence[dict] | None = None, counts: dict | None = None) -> dict:
+          boxes: Sequence[dict] | None = None, counts: dict | None = None, logprobs: list[dict] | None = None
+          ) -> dict:
     """One ``chat.completion.chunk``: the role first, then content pieces, then ``{}`` with the finish reason
-    (and, on that last chunk, ``boxes`` and ``usage``)."""
-    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    (and, on that last chunk, ``boxes`` and ``usage``); ``logprobs``: the entries of the tokens since the last."""
+    choice: dict[str, Any] = {"index": 0, "delta": delta,
+                              "logprobs": None if logprobs is None else {"content": logprobs},
+                              "finish_reason": finish_reason}
     if boxes is not None:
         choice["boxes"] = list(boxes)
     out = {"id": request[0], "model": model, "created": request[1], "object": "chat.completion.chunk",

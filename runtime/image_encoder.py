@@ -15,21 +15,26 @@ from pathlib import Path
 import numpy as np
 
 from qwenvl_edge.errors import BundleError
-from qwenvl_edge.runtime.preprocess import ImageData
+from qwenvl_edge.runtime.preprocess import ImageData, ImageSpec
 from qwenvl_edge.runtime.results import Timings
 from qwenvl_edge.runtime.store import Expect, Store, entry_key
 
 
 class ImageEncoder:
-    """Rows ``(n_queries, hidden)`` float32 for an ``ImageData``, from memory, the store or the encoder."""
+    """Rows ``(n_queries, hidden)`` float32 for an ``ImageData``, from memory, the store or the encoder.
 
-    def __init__(self, vision_path: Path, vision_sha256: str, hidden_size: int, n_queries: int, image_size: int,
+    ``spec``: the bundle's side and mean/std (``ModelInfo.image_spec``); the vision graph must take that side.
+    """
+
+    def __init__(self, vision_path: Path, vision_sha256: str, hidden_size: int, n_queries: int, spec: ImageSpec,
                  store: Store, n_threads: int | None = None, keep_vision: bool = True, memory_items: int = 16):
         self.path = vision_path
-        self.model = vision_sha256
+        # the rows' identity: the vision model and the pixels it was fed (two bundles sharing vision.onnx but
+        # not the side or mean/std give other rows, so they must not share cache entries)
+        self.model = f"{vision_sha256}:{spec.size}:{list(spec.mean)}:{list(spec.std)}"
         self.hidden_size = hidden_size
         self.n_queries = n_queries
-        self.image_size = image_size
+        self.spec = spec
         self.store = store
         self.n_threads = n_threads
         self.keep_vision = keep_vision
@@ -45,7 +50,8 @@ class ImageEncoder:
         rows = self._memory.get(image_key)
         if rows is None:
             rows = self.store.get("rows", self._key(image_key),
-                                  Expect("float32", (self.n_queries, self.hidden_size), finite=True))
+                                  Expect("float32", (self.n_queries, self.hidden_size), finite=True),
+                                  owner=f"vision:{self.model}")  # rows of another bundle's model: a miss
         if rows is not None:
             self._remember(image_key, rows)
         return rows
@@ -60,12 +66,12 @@ class ImageEncoder:
         from qwenvl_edge.runtime.preprocess import preprocess_image
 
         started = time.perf_counter()
-        pixels = preprocess_image(image.image, self.image_size)  # (3, S, S)
+        pixels = preprocess_image(image.image, self.spec)  # (3, S, S)
         rows = self.session().encode(pixels[None])[0]  # (n_queries, hidden)
         if not self.keep_vision:
             self.release()
         self._remember(image.key, rows)
-        self.store.put("rows", self._key(image.key), rows)
+        self.store.put("rows", self._key(image.key), rows, owner=f"vision:{self.model}")
         if timings:
             timings.image_encode_s += time.perf_counter() - started
             timings.images_encoded += 1
@@ -76,12 +82,13 @@ class ImageEncoder:
         if self._session is None:
             from qwenvl_edge.runtime.vision import VisionEncoder
 
-            session = VisionEncoder(self.path, n_threads=self.n_threads)
-            if session.hidden_size != self.hidden_size:
-                width = session.hidden_size
+            session = VisionEncoder(self.path, n_threads=self.n_threads, n_queries=self.n_queries)
+            if session.hidden_size != self.hidden_size or session.image_size != self.spec.size:
+                got = (session.hidden_size, session.image_size)
                 session.close()
-                raise BundleError(f"{self.path}: rows are {width} wide but the decoder takes "
-                                  f"{self.hidden_size}: bundle parts from different checkpoints")
+                raise BundleError(f"{self.path}: takes {got[1]} pixel images and gives rows {got[0]} wide, but the "
+                                  f"manifest says {self.spec.size} and the decoder takes {self.hidden_size}: "
+                                  "bundle parts from different checkpoints")
             self._session = session
         return self._session
 

@@ -49,11 +49,15 @@ class GenerationResult:
     finish_reason: str
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     images: tuple[ImageRef, ...] = ()  # this turn's images, as a chat history remembers them
+    logprobs: list[dict] | None = None  # OpenAI's logprobs.content entries, when asked for
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "boxes": [b.to_dict() for b in self.boxes],
-                "timings": self.timings.to_dict(), "prompt_positions": self.prompt_positions,
-                "finish_reason": self.finish_reason}
+        out = {"text": self.text, "token_ids": self.token_ids, "boxes": [b.to_dict() for b in self.boxes],
+               "timings": self.timings.to_dict(), "prompt_positions": self.prompt_positions,
+               "finish_reason": self.finish_reason}
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+        return out
 
 
 @dataclass
@@ -70,3 +74,6 @@ class Request:
     seed: int
     stop: Any  # chat_api.StopStrings
     system: str | None = None
+    grammar: str | None = None  # GBNF the answer must follow (structured.grammar_for)
+    logprobs: int | None = None  # alternatives per token to report; None: no log-probabilities
+    logprob_entries: list[dict] = field(default_factory=list)  # filled token by token while decoding

@@ -27,6 +27,11 @@ class ClosedError(QwenVLError):
     """The model was closed."""
 
 
+class CancelledError(QwenVLError):
+    """The caller's ``cancel`` check said stop: the call ended between two evaluation steps (an image,
+    a prefill batch, a token), leaving the model ready for the next call."""
+
+
 class GuardedStream(Generic[T]):
     """An iterator that holds its guard's lock while open; safe to read from any thread."""
 

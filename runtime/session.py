@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import operator
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -21,17 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from qwenvl_edge import contract
-from qwenvl_edge.errors import BundleError, PromptError
+from qwenvl_edge.errors import BundleError, OptionError, PromptError
 from qwenvl_edge.runtime import memory
 from qwenvl_edge.runtime.boxes import parse_boxes
-from qwenvl_edge.runtime.bundle import Bundle
-from qwenvl_edge.runtime.decoder import Decoder, Tokenizer, load_model
+from qwenvl_edge.runtime.bundle import Bundle, check_gguf_facts
+from qwenvl_edge.runtime.decoder import Cancel, Decoder, Tokenizer, check_cancel, check_grammar, load_model
 from qwenvl_edge.runtime.image_encoder import ImageEncoder
 from qwenvl_edge.runtime.preprocess import ImageData, read_image
 from qwenvl_edge.runtime.prompt import ImageRef, PromptBuilder, Turn, Unit, n_positions
 from qwenvl_edge.runtime.results import GenerationResult, Request, Timings
 from qwenvl_edge.runtime.store import Expect, Store, entry_key
+from qwenvl_edge.runtime.structured import log_softmax, token_entry
+from qwenvl_edge.validate import DEFAULT_N_CTX
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ PROMPT_FORMAT = "qwen-vl-chatml-1"  # bump when PromptBuilder changes how a prom
 class Session:
     """One bundle's engines, loaded on first need, and the prompt logic between them."""
 
-    def __init__(self, bundle: Bundle, store: Store, n_ctx: int = 2048, n_threads: int | None = None,
+    def __init__(self, bundle: Bundle, store: Store, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
                  keep_vision: bool = True, verbose: bool = False, use_mmap: bool = False, overlap: bool = True,
                  repack: bool = True):
         self.bundle = bundle
@@ -54,7 +56,7 @@ class Session:
         self.use_mmap = use_mmap
         self.repack = repack
         self.encoder = ImageEncoder(bundle.vision_path, bundle.vision_sha256, self.info.hidden_size,
-                                    self.info.n_queries, self.info.image_size, store, n_threads, keep_vision)
+                                    self.info.n_queries, self.info.image_spec, store, n_threads, keep_vision)
         self._decoder: Decoder | None = None
         self._loader: threading.Thread | None = None  # a background GGUF load (see start_loading)
         self._loaded: tuple[Decoder | None, BaseException | None] = (None, None)
@@ -64,15 +66,20 @@ class Session:
         self.boxes_size: tuple[int, int] | None = None  # boxes refer to the newest turn's first image
         self._saver: threading.Thread | None = None
         self.fingerprint = self._fingerprint()
+        # whose prefix states are ours: the decoder's and the vision model's checksums (the key holds them
+        # too; the entry's header must say the same, so a state from another bundle is never restored)
+        self.owner = f"llm:{self._llm_sha256()}/vision:{self.encoder.model}"  # vision: its model and pixels
 
     # --- engines ---------------------------------------------------------------------------
 
     def _fingerprint(self) -> str:
         """The GGUF's identity: its manifest checksum, size and modification time (no 5 GB hash per run)."""
-        path = self.bundle.llm_path
-        st = path.stat()
-        sha = self.bundle.manifest["files"].get(path.name, {}).get("sha256", "")
-        return f"{sha}:{st.st_size}:{st.st_mtime_ns}"
+        st = self.bundle.llm_path.stat()
+        return f"{self._llm_sha256()}:{st.st_size}:{st.st_mtime_ns}"
+
+    def _llm_sha256(self) -> str:
+        """The manifest's sha256 of llm.gguf."""
+        return self.bundle.manifest["files"].get(self.bundle.llm_path.name, {}).get("sha256", "")
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -153,11 +160,11 @@ class Session:
     def read(self, images: Sequence[Any], datas: dict[str, ImageData]) -> tuple[ImageRef, ...]:
         """Refs of ``images`` (``ImageRef``s pass through); each new image's data goes into ``datas``."""
         refs = []
-        for image in images:
+        for i, image in enumerate(images, 1):
             if isinstance(image, ImageRef):
                 refs.append(image)
                 continue
-            data = read_image(image)
+            data = read_image(image, f"image {i}", self.info.image_size)  # a path names itself
             datas.setdefault(data.key, data)
             refs.append(ImageRef(data.key, self.info.n_queries, data.size))
         return tuple(refs)
@@ -165,7 +172,7 @@ class Session:
     def read_turn(self, images: Sequence[Any], history: Sequence[Turn]
                   ) -> tuple[tuple[ImageRef, ...], list[Turn], dict[str, ImageData]]:
         """This turn's refs, the history with refs, and the data of every image read (each read once)."""
-        need = len(images) * contract.POSITIONS_PER_IMAGE
+        need = len(images) * self.info.positions_per_image
         if need > self.n_ctx:
             raise PromptError(f"{len(images)} image(s) need {need} positions but the context holds {self.n_ctx}")
         datas: dict[str, ImageData] = {}
@@ -192,16 +199,17 @@ class Session:
         described = {"format": PROMPT_FORMAT, "system": self.info.system_prompt if system is None else system,
                      "history": [[t.question, [r.key for r in t.images], t.answer or ""] for t in turns],
                      "images": [r.key for r in refs], "rows": self.info.n_queries}
-        return entry_key("prefix", self.fingerprint, self.bundle.vision_sha256, llama_cpp.__version__,
+        return entry_key("prefix", self.fingerprint, self.encoder.model, llama_cpp.__version__,
                          json.dumps(described, ensure_ascii=False))
 
     def prefill(self, refs: tuple[ImageRef, ...], turns: list[Turn], datas: dict[str, ImageData], question: str,
-                system: str | None, timings: Timings, reserve: int = 0, limit: int | None = None) -> list[Unit]:
+                system: str | None, timings: Timings, reserve: int = 0, limit: int | None = None,
+                cancel: Cancel = None) -> list[Unit]:
         """Bring the decoder's KV cache to the prompt: reuse, restore, encode and evaluate only what is new.
 
         In a fresh process the stored prefix states are looked up before anything loads, so only the
         images after the restored prefix are encoded (while the GGUF is read, if memory allows).
-        Returns the prompt's units.
+        ``cancel()`` is asked before each image encode and each prefill batch. Returns the prompt's units.
         """
         restore = next((j for j in range(len(refs), 0, -1)
                         if self.store.has("prefix", self.prefix_key(system, turns, refs[:j]))), 0)
@@ -212,7 +220,7 @@ class Session:
                 todo.update({r.key: r for t in turns for r in t.images})
             if any(self.encoder.cached(key) is None for key in todo):
                 self.start_loading()  # the GGUF is read while the encoder runs, if memory allows
-            rows = {key: self._rows(ref, datas, timings) for key, ref in todo.items()}
+            rows = {key: self._rows(ref, datas, timings, cancel) for key, ref in todo.items()}
         decoder = self.decoder(timings)
         full = self.prompts.build(Turn(question, refs), turns, system=system, n_ctx=self.n_ctx, reserve=reserve)
         units = full if limit is None else cut_units(full, limit)
@@ -224,7 +232,7 @@ class Session:
         cut = {j: ends[j - 1] for j in range(1, len(refs) + 1)} if refs and kept_all else {}
         if restore and restore in cut and cut[restore] <= len(units) and decoder.common_prefix(units) < cut[restore]:
             key = self.prefix_key(system, turns, refs[:restore])
-            state = self.store.get("prefix", key, STATE)
+            state = self.store.get("prefix", key, STATE, self.owner)
             if state is not None and decoder.load_state(state, units[:cut[restore]]):
                 timings.restored_positions = n_positions(units[:cut[restore]])
             elif state is not None:  # checked fine but llama.cpp refused it (another llama.cpp build)
@@ -233,7 +241,7 @@ class Session:
 
         def rows_of(ref: ImageRef) -> np.ndarray:
             if ref.key not in rows:
-                rows[ref.key] = self._rows(ref, datas, timings)
+                rows[ref.key] = self._rows(ref, datas, timings, cancel)
             return rows[ref.key]
 
         started = time.perf_counter()
@@ -241,18 +249,20 @@ class Session:
         last = cut.get(len(refs))
         if (last is not None and self.store.folder is not None and last < len(units)
                 and decoder.common_prefix(units) < last):
-            decoder.prefill(units[:last], rows_of)
+            decoder.prefill(units[:last], rows_of, cancel)
             self._save_state(self.prefix_key(system, turns, refs), decoder.save_state())
-        decoder.prefill(units, rows_of)
+        decoder.prefill(units, rows_of, cancel)
         evaluated = decoder.n_evaluated - evaluated_before
         timings.reused_positions = n_positions(units) - evaluated
         timings.prefill_positions += evaluated
         timings.prefill_s += time.perf_counter() - started
         return units
 
-    def _rows(self, ref: ImageRef, datas: dict[str, ImageData], timings: Timings) -> np.ndarray:
+    def _rows(self, ref: ImageRef, datas: dict[str, ImageData], timings: Timings, cancel: Cancel = None
+              ) -> np.ndarray:
         data = datas.get(ref.key)
         if data is not None:
+            check_cancel(cancel)  # an encode is the longest step a turn takes before its prefill
             return self.encoder.rows(data, timings)
         rows = self.encoder.cached(ref.key)
         if rows is None:
@@ -262,7 +272,7 @@ class Session:
     def _save_state(self, key: str, state: np.ndarray) -> None:
         """Write a prefix state in the background (it is copied already; the KV cache moves on)."""
         self.wait_saved()
-        self._saver = threading.Thread(target=self.store.put, args=("prefix", key, state), daemon=True,
+        self._saver = threading.Thread(target=self.store.put, args=("prefix", key, state, self.owner), daemon=True,
                                        name="qwenvl-prefix-save")
         self._saver.start()
 
@@ -275,25 +285,34 @@ class Session:
 
     def logits(self, images: Sequence[Any], question: str, history: Sequence[Turn],
                n_positions_limit: int | None = None) -> np.ndarray:
+        """Logits after the prompt's first ``n_positions_limit`` positions (all of them when None)."""
+        limit = None if n_positions_limit is None else positions_limit(n_positions_limit, self.n_ctx)
         refs, turns, datas = self.read_turn(images, history)
-        self.prefill(refs, turns, datas, question, None, Timings(), limit=n_positions_limit)
+        self.prefill(refs, turns, datas, question, None, Timings(), limit=limit)
         return self.decoder().last_logits()
 
-    def start(self, r: Request) -> tuple[Iterator[str], dict]:
-        """Encode and prefill now (errors raise here); return the decoding iterator and its result holder."""
+    def start(self, r: Request, cancel: Cancel = None) -> tuple[Iterator[str], dict]:
+        """Encode and prefill now (errors raise here); return the decoding iterator and its result holder.
+
+        ``cancel()`` is asked between images, prefill batches and tokens: when it says stop, the call
+        raises ``CancelledError`` there, and the decoder is ready for the next call.
+        """
         started = time.perf_counter()
         timings = Timings()
+        if r.grammar is not None:  # a grammar llama.cpp refuses is the caller's error: say so before any work
+            check_grammar(self.tokenizer.model, r.grammar, self.verbose)
         refs, turns, datas = self.read_turn(r.images, r.history)
         newest = refs or next((t.images for t in reversed(turns) if t.images), ())
         boxes_size = newest[0].size if newest else self.boxes_size
-        units = self.prefill(refs, turns, datas, r.prompt, r.system, timings, reserve=1)
+        units = self.prefill(refs, turns, datas, r.prompt, r.system, timings, reserve=1, cancel=cancel)
         self.boxes_size = boxes_size
-        sampler = self.decoder().make_sampler(r.temperature, r.top_p, r.top_k, r.seed)
+        sampler = self.decoder().make_sampler(r.temperature, r.top_p, r.top_k, r.seed, r.grammar,
+                                              self.info.stop_ids)
         holder: dict = {}
-        return self._decode(r, units, sampler, timings, started, refs, holder), holder
+        return self._decode(r, units, sampler, timings, started, refs, holder, cancel), holder
 
     def _decode(self, r: Request, units: list[Unit], sampler, timings: Timings, started: float,
-                refs: tuple[ImageRef, ...], holder: dict) -> Iterator[str]:
+                refs: tuple[ImageRef, ...], holder: dict, cancel: Cancel = None) -> Iterator[str]:
         decoder = self.decoder()
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         stop_ids = self.info.stop_ids
@@ -302,6 +321,7 @@ class Session:
         decode_started = None
         stop = r.stop
         while len(ids) < r.max_tokens:
+            check_cancel(cancel)
             token = decoder.sample(sampler)
             if decode_started is None:
                 decode_started = time.perf_counter()
@@ -310,6 +330,9 @@ class Session:
                 finish = "stop"
                 break
             ids.append(token)
+            if r.logprobs is not None:  # the model's distribution at this step (logits are still the sampler's)
+                r.logprob_entries.append(token_entry(token, log_softmax(decoder.last_logits()), r.logprobs,
+                                                     decoder.tokenizer.token_bytes))
             piece = stop.feed(utf8.decode(decoder.tokenizer.token_bytes(token)))
             if piece:
                 yield piece
@@ -326,9 +349,10 @@ class Session:
                 yield tail
         timings.decode_tokens = len(ids)
         timings.decode_s = time.perf_counter() - decode_started if decode_started else 0.0
-        boxes = parse_boxes(stop.text, *self.boxes_size) if self.boxes_size else []
+        boxes = parse_boxes(stop.text, *self.boxes_size, self.info.grounding) if self.boxes_size else []
         holder["result"] = GenerationResult(stop.text, ids, boxes, timings, n_positions(units), finish,
-                                            [ref.size for ref in refs], refs)
+                                            [ref.size for ref in refs], refs,
+                                            None if r.logprobs is None else list(r.logprob_entries))
 
     def reset(self) -> None:
         """Forget the KV cache and the boxes' image."""
@@ -347,8 +371,25 @@ class Session:
             self._decoder = None
 
 
+def positions_limit(value: object, n_ctx: int) -> int:
+    """``n_positions_limit`` checked before anything is evaluated: an int in 1..n_ctx (0 would evaluate
+    nothing, and the logits read then would be an earlier call's)."""
+    try:
+        limit = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        limit = None
+    if limit is None:
+        raise OptionError(f"n_positions_limit must be an integer, got {type(value).__name__}")
+    if not 1 <= limit <= n_ctx:
+        raise OptionError(f"n_positions_limit must be in 1..{n_ctx} (the context), got {limit}")
+    return limit
+
+
 def cut_units(units: list[Unit], limit: int) -> list[Unit]:
     """The leading units that cover exactly ``limit`` positions (an image is never cut in two)."""
+    total = n_positions(units)
+    if not 1 <= limit <= total:
+        raise PromptError(f"n_positions_limit must be in 1..{total} (the prompt's positions), got {limit}")
     out: list[Unit] = []
     for unit in units:
         if n_positions(out) >= limit:
@@ -361,12 +402,4 @@ def cut_units(units: list[Unit], limit: int) -> list[Unit]:
 
 def check_metadata(meta: dict[str, str], info, path) -> None:
     """The GGUF's ``qwenvl.*`` facts must be the manifest's (``Bundle.open`` checked the architecture and sizes)."""
-    expected = contract.gguf_metadata(image_start_id=info.image_start_id, n_queries=info.n_queries,
-                                      image_size=info.image_size, system_prompt=info.system_prompt,
-                                      top_p=info.top_p, top_k=info.top_k, max_new_tokens=info.max_new_tokens,
-                                      eos_id=info.eos_token_id)
-    for key, want in expected.items():
-        if key not in meta or isinstance(want, (list, float)):
-            continue  # older bundles lack the keys; float text is llama.cpp's rounding
-        if str(want) != meta[key]:
-            raise BundleError(f"{path}: {key} is {meta[key]!r}, the manifest says {want!r}: parts of different models")
+    check_gguf_facts(meta, info, path)

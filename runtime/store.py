@@ -1,13 +1,14 @@
 """One checked on-disk store for what is expensive to recompute: image rows and KV prefix states.
 
 Every entry is one file ``<kind>/<key[:2]>/<key>.qvl``: a magic line, a JSON header (kind, key,
-dtype, shape, byte count, sha256 of the payload) and the payload. ``get`` checks all of it (and,
-for float rows, that every value is finite) before anything is returned; an entry that fails any
-check, is unreadable, or is a folder where a file should be is removed and reported as a miss,
-so the caller recomputes and rewrites it: nothing on disk is ever trusted. Writes go to a temp
-file in the same folder and are renamed into place (removed on any failure), so a crash leaves
-no half-written entry. The store is bounded: when it grows over ``max_bytes`` the least recently
-used entries go first. It lives under ``$XDG_CACHE_HOME/qwenvl-edge/`` (default ``~/.cache``).
+owner: the sha256 of the bundle part that made it, dtype, shape, byte count, sha256 of the payload)
+and the payload. ``get`` checks all of it (and, for float rows, that every value is finite) before
+anything is returned; an entry that fails any check (another model's entry too), is unreadable,
+or is a folder where a file should be is removed and reported as a miss, so the caller recomputes
+and rewrites it: nothing on disk is ever trusted. Writes go to a temp file in the same folder and
+are renamed into place (removed on any failure), so a crash leaves no half-written entry. The store
+is bounded: when it grows over ``max_bytes`` the least recently used entries go first. It lives
+under ``$XDG_CACHE_HOME/qwenvl-edge/`` (default ``~/.cache``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from qwenvl_edge.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,7 @@ class BadEntry(ValueError):
 
 def default_store_dir() -> Path:
     """``$XDG_CACHE_HOME/qwenvl-edge`` (``~/.cache/qwenvl-edge`` when unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "qwenvl-edge"
+    return cache_root()
 
 
 def entry_key(*parts: str | bytes) -> str:
@@ -54,13 +56,13 @@ def entry_key(*parts: str | bytes) -> str:
     return digest.hexdigest()
 
 
-def encode_entry(kind: str, key: str, array: np.ndarray) -> bytes:
-    """The bytes of one entry file."""
+def encode_entry(kind: str, key: str, array: np.ndarray, owner: str = "") -> bytes:
+    """The bytes of one entry file; ``owner`` names the model that made it (see ``decode_entry``)."""
     array = np.ascontiguousarray(array)
     if array.dtype.name not in DTYPES:
         raise ValueError(f"cannot store dtype {array.dtype}")
     payload = array.tobytes()
-    header = {"kind": kind, "key": key, "dtype": array.dtype.name, "shape": list(array.shape),
+    header = {"kind": kind, "key": key, "owner": owner, "dtype": array.dtype.name, "shape": list(array.shape),
               "nbytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
 
@@ -74,8 +76,12 @@ class Expect:
     finite: bool = False
 
 
-def decode_entry(blob: bytes, kind: str, key: str, expect: Expect) -> np.ndarray:
-    """Check one entry's bytes and return its array; ``BadEntry`` says what is wrong."""
+def decode_entry(blob: bytes, kind: str, key: str, expect: Expect, owner: str = "") -> np.ndarray:
+    """Check one entry's bytes and return its array; ``BadEntry`` says what is wrong.
+
+    ``owner`` (a bundle part's sha256) must be the one the entry was written with: a file copied from
+    another bundle's store, its key rewritten to match, is still another model's rows or KV state.
+    """
     if not blob.startswith(MAGIC):
         raise BadEntry("not a store entry (magic)")
     end = blob.find(b"\n", len(MAGIC), len(MAGIC) + MAX_HEADER)
@@ -91,6 +97,8 @@ def decode_entry(blob: bytes, kind: str, key: str, expect: Expect) -> np.ndarray
     shape = header.get("shape")
     if header.get("kind") != kind or header.get("key") != key:
         raise BadEntry("entry belongs to another key")
+    if header.get("owner") != owner:
+        raise BadEntry("entry was written by another model (bundle)")
     if header.get("dtype") != expect.dtype or expect.dtype not in DTYPES:
         raise BadEntry(f"dtype {header.get('dtype')!r}, want {expect.dtype}")
     if (not isinstance(shape, list) or len(shape) != len(expect.shape)
@@ -122,8 +130,8 @@ class Store:
         assert self.folder is not None
         return self.folder / kind / key[:2] / f"{key}{SUFFIX}"
 
-    def get(self, kind: str, key: str, expect: Expect) -> np.ndarray | None:
-        """The checked array, or None (missing or bad: a bad entry is removed)."""
+    def get(self, kind: str, key: str, expect: Expect, owner: str = "") -> np.ndarray | None:
+        """The checked array written by ``owner``, or None (missing or bad: a bad entry is removed)."""
         if self.folder is None:
             return None
         path = self.path(kind, key)
@@ -133,7 +141,7 @@ class Store:
             if path.is_symlink() or not path.is_file():
                 raise BadEntry("not a regular file")
             blob = path.read_bytes()
-            array = decode_entry(blob, kind, key, expect)
+            array = decode_entry(blob, kind, key, expect, owner)
         except (OSError, BadEntry) as e:
             log.warning("dropping bad cache entry %s: %s", path, e)
             self.dropped += 1
@@ -153,12 +161,13 @@ class Store:
             self.dropped += 1
             self._remove(self.path(kind, key))
 
-    def put(self, kind: str, key: str, array: np.ndarray) -> None:
-        """Write an entry atomically, then evict old ones over the bound; disk errors are logged, never raised."""
+    def put(self, kind: str, key: str, array: np.ndarray, owner: str = "") -> None:
+        """Write ``owner``'s entry atomically, then evict old ones over the bound; disk errors are logged,
+        never raised."""
         if self.folder is None:
             return
         path = self.path(kind, key)
-        blob = encode_entry(kind, key, array)
+        blob = encode_entry(kind, key, array, owner)
         tmp = None
         try:
             if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):

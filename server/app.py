@@ -14,12 +14,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -28,6 +29,7 @@ from qwenvl_edge.server.errors import APIError, bad_request, sse_error
 from qwenvl_edge.server.handlers import engine_error, install_error_handlers
 from qwenvl_edge.server.images import ImageResolver
 from qwenvl_edge.server.limits import BodyLimit
+from qwenvl_edge.server.metrics import CountRequests, Metrics
 from qwenvl_edge.server.options import ServeConfig
 from qwenvl_edge.server.scheduler import Cancelled, Scheduler, Ticket
 from qwenvl_edge.server.schema import ChatRequest, engine_messages
@@ -46,6 +48,7 @@ class ServerState:
         self.created = int(time.time())
         self.scheduler = Scheduler(config.limits.max_queue, config.limits.request_timeout_s)
         self.images = ImageResolver(config)
+        self.metrics = Metrics()
         self._load_model = load_model
         self._on_load_error = on_load_error
 
@@ -85,6 +88,10 @@ def create_app(config: ServeConfig, load_model: Callable[[], Any],
     app = FastAPI(title="qwenvl-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes)
+    if config.cors_origins:  # outside the body limit, so a browser can read a 413 too
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(CountRequests, metrics=state.metrics)  # outermost: every answer is counted
     install_error_handlers(app)
 
     def authorize(request: Request) -> None:
@@ -100,6 +107,11 @@ def create_app(config: ServeConfig, load_model: Callable[[], Any],
     async def health() -> JSONResponse:
         state.ready_model()
         return JSONResponse({"status": "ok", "model": config.model_id, "waiting": state.scheduler.admitted})
+
+    @app.get("/metrics")  # no API key, as /health: counts and sizes only, never a request's content
+    async def metrics() -> Response:
+        text = state.metrics.render(state.scheduler.waiting, state.scheduler.running)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> JSONResponse:
@@ -117,6 +129,11 @@ def create_app(config: ServeConfig, load_model: Callable[[], Any],
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:  # browsers and bookmarks ask for it whatever the page links
+        return Response((STATIC / "favicon.ico").read_bytes(), media_type="image/x-icon",
+                        headers={"Cache-Control": "max-age=86400"})
 
     app.mount("/static", StaticFiles(packages=[("qwenvl_edge.server", "static")]), name="static")
     return app
@@ -148,12 +165,22 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
     args = body.engine_args()
     ticket = state.scheduler.admit()
     watcher = asyncio.create_task(_watch_disconnect(request, ticket))
+    metrics = state.metrics
+
+    def answer(stop: Callable[[], bool]) -> dict:
+        result = model.create_chat_completion(messages, cancel=stop, **args)
+        metrics.observe(model.last_result.timings)
+        return result
+
+    def streamed(stop: Callable[[], bool]) -> Iterator[dict]:
+        return _observed(model.create_chat_completion(messages, stream=True, cancel=stop, **args), model, metrics)
+
     try:
         if not body.stream:
-            result = await state.scheduler.run(lambda: model.create_chat_completion(messages, **args), ticket)
+            result = await state.scheduler.run(answer, ticket)
             watcher.cancel()
             return JSONResponse(_named(result, config.model_id))
-        chunks = state.scheduler.stream(lambda: model.create_chat_completion(messages, stream=True, **args), ticket)
+        chunks = state.scheduler.stream(streamed, ticket)
         head = await _head(chunks)  # errors before the first token still get their own status
     except BaseException as e:
         watcher.cancel()
@@ -166,6 +193,13 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
     return StreamingResponse(_sse(head, chunks, include_usage, config.model_id, ticket, watcher),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _observed(chunks: Iterator[dict], model: Any, metrics: Metrics) -> Iterator[dict]:
+    """The engine's chunks; once they end, the finished generation's timings go into the metrics
+    (closing this closes the engine's stream)."""
+    yield from chunks
+    metrics.observe(model.last_result.timings)
 
 
 async def _watch_disconnect(request: Request, ticket: Ticket) -> None:

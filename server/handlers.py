@@ -20,7 +20,8 @@ from qwenvl_edge.server.schema import FIELD_NAMES
 log = logging.getLogger("qwenvl_edge.server")
 
 
-ENGINE_PARAMS = re.compile(r"(messages\[\d+\]|max_tokens|temperature|top_p|top_k|stop|seed)\b")
+ENGINE_PARAMS = re.compile(r"(messages\[\d+\]|max_tokens|temperature|top_p|top_k|stop|seed|response_format"
+                           r"|logprobs|top_logprobs)\b")
 
 
 def engine_error(e: QwenVLError) -> APIError:

@@ -26,7 +26,7 @@ from qwenvl_edge.server.options import ServeConfig
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png",
            "image/x-ms-bmp": "image/bmp"}
-_DATA_URI = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.S)
+_DATA_URI = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.S | re.I)
 
 
 def check_image(data: bytes, declared: str | None, param: str, max_pixels: int) -> str:
@@ -66,6 +66,13 @@ class ImageResolver:
         self._http = http_client  # an httpx.AsyncClient, made on first remote fetch
 
     async def resolve(self, url: str, param: str) -> str:
+        try:
+            return await self._resolve(url, param)
+        except (OSError, ValueError) as e:  # whatever else a client's URL makes the OS or a parser refuse
+            raise bad_request(f"the image URL cannot be used ({type(e).__name__})", param,
+                              "invalid_image_url") from None
+
+    async def _resolve(self, url: str, param: str) -> str:
         scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
         if scheme == "data":
             return self._from_data_uri(url, param)
@@ -88,29 +95,30 @@ class ImageResolver:
         except (binascii.Error, ValueError):
             raise bad_request("the data URI's base64 is not valid", param, "invalid_image_url") from None
         mime = check_image(data, declared or None, param, self.limits.max_image_pixels)
-        return url if declared == mime else data_uri(data, mime)
+        return data_uri(data, mime)  # canonical: the engine never parses the client's spelling
 
     def _from_media_dir(self, url: str, param: str) -> str:
         media = self.config.media_dir
         if media is None:
             raise bad_request("local image files are not allowed: start the server with --media-dir", param,
                               "local_images_disabled")
-        raw = unquote(urlparse(url).path) if url.lower().startswith("file:") else url
-        path = Path(raw)
+        path = _client_path(url, param)
         try:
             real = (path if path.is_absolute() else media / path).resolve()
         except (OSError, RuntimeError, ValueError):
             real = None
         if real is None or not real.is_relative_to(media):
             raise bad_request("the image path is outside the server's media folder", param, "image_not_allowed")
-        if not real.is_file():
-            raise bad_request(f"no image file '{path}' in the media folder", param, "image_not_found")
-        if real.stat().st_size > self.limits.max_body_bytes:
-            raise bad_request("the image file is larger than this server accepts", param, "image_too_large")
-        try:
+        shown = _shown(path)
+        try:  # every OS refusal of a client's path (too long, a folder, no permission) is the client's 400
+            if not real.is_file():
+                raise bad_request(f"no image file '{shown}' in the media folder", param, "image_not_found")
+            if real.stat().st_size > self.limits.max_body_bytes:
+                raise bad_request("the image file is larger than this server accepts", param, "image_too_large")
             data = real.read_bytes()
-        except OSError as e:
-            raise bad_request(f"cannot read the image file '{path}' ({e.strerror})", param, "image_not_found") from None
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "strerror", None) or type(e).__name__
+            raise bad_request(f"cannot read the image file '{shown}' ({reason})", param, "image_not_found") from None
         return data_uri(data, check_image(data, None, param, self.limits.max_image_pixels))
 
     async def _from_remote(self, url: str, param: str) -> str:
@@ -153,3 +161,40 @@ class ImageResolver:
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
+
+
+NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows alike)
+PATH_MAX = 4096
+
+
+def _client_path(url: str, param: str) -> Path:
+    """The path a client named (plain or ``file:`` URL), refused with 400 when no file system could
+    take it: a NUL byte, text that is not a file name, a name over 255 bytes, a remote ``file://`` host."""
+    raw = url
+    if url.lower().startswith("file:"):
+        try:
+            parsed = urlparse(url)
+        except ValueError:
+            raise bad_request("the file: URL is malformed", param, "invalid_image_url") from None
+        if parsed.netloc not in ("", "localhost"):
+            raise bad_request(f"a file: URL names a file on this server, not on '{parsed.netloc[:40]}'", param,
+                              "invalid_image_url")
+        raw = unquote(parsed.path, errors="strict") if parsed.path else ""
+    if not raw:
+        raise bad_request("the image path is empty", param, "invalid_image_url")
+    if "\0" in raw:
+        raise bad_request("the image path contains a NUL character", param, "invalid_image_url")
+    try:
+        encoded = raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("the image path is not valid text", param, "invalid_image_url") from None
+    if len(encoded) > PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        raise bad_request(f"the image path is too long (at most {NAME_MAX} bytes a name, {PATH_MAX} in all)",
+                          param, "invalid_image_url")
+    return Path(raw)
+
+
+def _shown(path: Path) -> str:
+    """A client's path as an error message may quote it (short, one line)."""
+    text = str(path)
+    return text if len(text) <= 80 else text[:77] + "..."

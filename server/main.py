@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import math
+import re
 import signal
 import socket
 import sys
@@ -20,6 +21,7 @@ from qwenvl_edge.errors import QwenVLError
 from qwenvl_edge.server.options import config_from_args
 
 log = logging.getLogger("qwenvl_edge.server")
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+")  # what a browser sends in Origin: no path, no slash
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -48,8 +50,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
     # a server reports what it does (load time, clients that left) unless asked to be quiet
     log.setLevel(logging.DEBUG if a.verbose else logging.ERROR if a.quiet else logging.INFO)
     app = create_app(config, load_model, load_failed)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning" if a.quiet else "info", lifespan="on",
-                                           timeout_graceful_shutdown=3))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            """SIGINT / SIGTERM: stop every request at once (open streams end with an error event, waiting
+            and running requests get 503), so uvicorn's graceful shutdown has nothing long to wait for."""
+            app.state.server.scheduler.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level="warning" if a.quiet else "info", lifespan="on",
+                                   timeout_graceful_shutdown=3))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"qwenvl-edge: serving {config.model_id} on http://{shown}:{port} (page at /, API at /v1, loading the "
@@ -97,6 +107,9 @@ def _check(a: argparse.Namespace) -> None:
         raise QwenVLError(f"--media-dir {a.media_dir}: not a folder")
     if a.api_key is not None and not a.api_key.strip():
         raise QwenVLError("--api-key is empty")
+    for origin in a.cors_origin or ():
+        if origin != "*" and not ORIGIN.fullmatch(origin):
+            raise QwenVLError(f"--cors-origin {origin!r}: an origin is * or scheme://host[:port], with no path")
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -3,9 +3,14 @@
 llama.cpp holds one KV cache, so requests run one at a time, in arrival order, on one thread
 (the engine also serializes, but one thread here means a stream is always opened and closed by
 the same thread). At most ``1 + max_queue`` requests are admitted; the next one is told 503 with
-a ``Retry-After`` from the recent generation times. A request whose client has gone (its
-``cancel`` event set) is skipped if it has not started and stopped between two chunks if it
-has, so a closed browser tab never keeps the decoder busy.
+a ``Retry-After`` from the recent generation times.
+
+Every request ends at its deadline (``timeout_s`` after the decoder starts it), when its client
+goes (its ``cancel`` event set) or when the server shuts down, streamed or not: the engine asks
+``Ticket.stop`` between images, prefill batches and tokens and stops there, so the decoder is free
+for the next request at once; the client is answered at that moment (504 / an SSE error event,
+503 on shutdown) even if the engine is inside one long step. A request whose client has gone
+before it started is skipped, never run.
 """
 
 from __future__ import annotations
@@ -20,30 +25,62 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from qwenvl_edge.runtime.serial import CancelledError
 from qwenvl_edge.server.errors import APIError, busy
 
 log = logging.getLogger("qwenvl_edge.server")
 
 T = TypeVar("T")
 _END = object()
+POLL_S = 0.1  # how often a waiting request looks at its deadline and the shutdown flag
 
 
 class Cancelled(Exception):
-    """The client went away before its request ran."""
+    """The client went away: nobody reads the answer."""
+
+
+Stop = Callable[[], bool]
 
 
 class Ticket:
-    """One admitted request: its place in the line, released exactly once."""
+    """One admitted request: its place in the line (released exactly once), its client's ``cancel`` event
+    and its deadline (set when the decoder starts it)."""
 
     def __init__(self, scheduler: Scheduler):
         self._scheduler = scheduler
         self.cancel = threading.Event()
+        self.deadline: float | None = None
         self._released = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
             self._scheduler._admitted -= 1
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def stop(self) -> bool:
+        """Whether the engine should stop now (the check it makes between tokens)."""
+        return self.cancel.is_set() or self._scheduler.closing or self.expired()
+
+    def outcome(self) -> BaseException:
+        """Why the request stopped, as the client is told: shutdown 503, deadline 504, else client gone."""
+        if self._scheduler.closing:
+            return shutting_down()
+        if self.expired():
+            return timed_out(self._scheduler.timeout_s)
+        return Cancelled()
+
+
+def timed_out(limit_s: float) -> APIError:
+    return APIError(504, f"the generation ran past the server's limit of {limit_s:g} s (--request-timeout)",
+                    type="timeout", code="timeout")
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down: the request was stopped", type="unavailable_error",
+                    code="shutting_down")
 
 
 class Scheduler:
@@ -53,40 +90,75 @@ class Scheduler:
         self._admitted = 0  # touched only on the event loop's thread
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
         self._recent_s = 5.0  # moving average of a request's decoder time, for Retry-After
-        self._closed = threading.Event()
+        self.closing = False  # a plain flag: set from a signal handler, read by the decoder thread
+        self.running = 0  # requests the decoder thread is inside now (0 or 1), for /metrics
 
     @property
     def admitted(self) -> int:
         return self._admitted
 
+    @property
+    def waiting(self) -> int:
+        """Admitted requests the decoder has not started (the queue's depth)."""
+        return max(0, self._admitted - self.running)
+
     def admit(self) -> Ticket:
         """A place in the line, or 503 when ``max_queue`` requests already wait behind the running one."""
+        if self.closing:
+            raise shutting_down()
         if self._admitted >= 1 + self.max_queue:
             raise busy(max(1, math.ceil(self._recent_s * self._admitted)))
         self._admitted += 1
         return Ticket(self)
 
-    def _timed(self, fn: Callable[[], T], ticket: Ticket) -> T:
-        if ticket.cancel.is_set() or self._closed.is_set():
-            log.info("skipped: the client left while waiting")
-            raise Cancelled()
+    def _timed(self, fn: Callable[[Stop], T], ticket: Ticket, log_stop: bool = True) -> T:
+        """``fn(ticket.stop)`` on the decoder thread; its deadline starts now. The engine's
+        ``CancelledError`` becomes why it was stopped (a stream logs that itself, with its chunk count)."""
+        if ticket.stop():
+            if not self.closing:
+                log.info("skipped: the client left while waiting")
+            raise ticket.outcome()
         started = time.monotonic()
+        ticket.deadline = started + self.timeout_s
+        self.running += 1
         try:
-            return fn()
+            return fn(ticket.stop)
+        except CancelledError:
+            reason = ticket.outcome()
+            if log_stop:
+                log.info("generation stopped: %s", "the client left" if isinstance(reason, Cancelled) else reason)
+            raise reason from None
         finally:
+            self.running -= 1
             self._recent_s = 0.7 * self._recent_s + 0.3 * (time.monotonic() - started)
 
-    async def run(self, fn: Callable[[], T], ticket: Ticket) -> T:
-        """``fn()`` on the decoder thread, after the requests ahead of it; the ticket is released after."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, self._timed, fn, ticket)
-        finally:
+    async def run(self, fn: Callable[[Stop], T], ticket: Ticket) -> T:
+        """``fn(stop)`` on the decoder thread, after the requests ahead of it. Raises at the deadline, the
+        client's leaving or shutdown at once (the engine stops at its next check); the ticket is released
+        when the decoder is done with it."""
+        if self.closing:
             ticket.release()
+            raise shutting_down()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._timed, fn, ticket)
+        future.add_done_callback(lambda f: _settled(f, ticket))
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=POLL_S)
+                if done:
+                    return future.result()
+                if ticket.stop() and (ticket.deadline is not None or self.closing):  # the engine follows
+                    raise ticket.outcome()
+        finally:
+            ticket.cancel.set()  # whatever ended the wait, the engine has nobody to answer any more
 
-    async def stream(self, open_stream: Callable[[], Iterator[Any]], ticket: Ticket) -> AsyncIterator[Any]:
-        """The items of ``open_stream()`` as the decoder thread makes them; stops the generation when
-        ``ticket.cancel`` is set (client gone), the server closes, or ``timeout_s`` passes."""
+    async def stream(self, open_stream: Callable[[Stop], Iterator[Any]], ticket: Ticket) -> AsyncIterator[Any]:
+        """The items of ``open_stream(stop)`` as the decoder thread makes them; ends with the reason
+        (504, 503) when the deadline passes or the server closes, and stops the engine when the
+        consumer goes away (client gone)."""
+        if self.closing:
+            ticket.release()
+            raise shutting_down()
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
 
@@ -96,19 +168,17 @@ class Scheduler:
             except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
                 ticket.cancel.set()
 
-        def work() -> None:
-            deadline = time.monotonic() + self.timeout_s
-            chunks = open_stream()
+        def work(stop: Stop) -> None:
+            chunks = open_stream(stop)
+            n = 0
             try:
-                for n, chunk in enumerate(chunks, 1):
+                for n, chunk in enumerate(chunks, 1):  # noqa: B007 -- n is logged below
                     put(chunk)
-                    if ticket.cancel.is_set() or self._closed.is_set():
-                        log.info("client gone: generation stopped after %d chunks", n)
-                        break
-                    if time.monotonic() > deadline:
-                        put(APIError(504, f"the generation ran past the server's limit of {self.timeout_s:g} s",
-                                     type="timeout", code="timeout"))
-                        break
+                    if stop():
+                        raise CancelledError("stopped between chunks")
+            except CancelledError:
+                _log_stop(ticket, n)
+                raise
             finally:
                 close = getattr(chunks, "close", None)
                 if close is not None:
@@ -116,7 +186,7 @@ class Scheduler:
 
         def job() -> None:
             try:
-                self._timed(work, ticket)
+                self._timed(work, ticket, False)
             except BaseException as e:  # handed to the request's task, which answers the client
                 put(e)
             put(_END)
@@ -125,14 +195,42 @@ class Scheduler:
 
         loop.run_in_executor(self._executor, job)
         try:
-            while (item := await items.get()) is not _END:
+            while True:
+                try:
+                    item = await asyncio.wait_for(items.get(), POLL_S)
+                except asyncio.TimeoutError:
+                    if ticket.stop() and (ticket.deadline is not None or self.closing):
+                        raise ticket.outcome() from None
+                    continue
+                if item is _END:
+                    break
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
             ticket.cancel.set()
 
+    def begin_shutdown(self) -> None:
+        """Stop every request now: the running one at its next check, the waiting ones before they start.
+        Safe in a signal handler (it only sets a flag)."""
+        self.closing = True
+
     def close(self) -> None:
-        """Stop the running generation at its next token and drop everything still waiting."""
-        self._closed.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """``begin_shutdown``, and no more work for the decoder thread."""
+        self.begin_shutdown()
+        self._executor.shutdown(wait=False)
+
+
+def _settled(future: asyncio.Future, ticket: Ticket) -> None:
+    """The decoder is done with the ticket: free its place; an outcome nobody awaited is not logged."""
+    ticket.release()
+    if not future.cancelled():
+        future.exception()
+
+
+def _log_stop(ticket: Ticket, n: int) -> None:
+    reason = ticket.outcome()
+    if isinstance(reason, Cancelled):
+        log.info("client gone: generation stopped after %d chunks", n)
+    else:
+        log.info("generation stopped after %d chunks: %s", n, reason)

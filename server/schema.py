@@ -3,7 +3,7 @@
 Only the structure is checked here (types, which roles and part types exist); the values the
 engine owns (temperature range, max_tokens, the question text) are checked by the engine's
 validation before it touches the model. Fields OpenAI clients send that do not change the
-answer (``user``, ``logprobs=false``, ...) are accepted and ignored, as llama-cpp-python does.
+answer (``user``, ...) are accepted and ignored, as llama-cpp-python does.
 """
 
 from __future__ import annotations
@@ -64,12 +64,16 @@ class ChatRequest(_Strict):
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
     n: StrictInt | None = None
+    response_format: dict[str, Any] | None = None  # checked (and made a grammar) by the engine's structured.py
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
 
     def engine_args(self) -> dict[str, Any]:
         """The sampling arguments in ``QwenVL.create_chat_completion``'s names."""
         return {"max_tokens": self.max_completion_tokens if self.max_tokens is None else self.max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "stop": self.stop, "seed": self.seed}
+                "stop": self.stop, "seed": self.seed, "response_format": self.response_format,
+                "logprobs": self.logprobs, "top_logprobs": self.top_logprobs}
 
     def image_parts(self) -> list[tuple[str, ImagePart]]:
         """Every image part with its ``param`` path, in order."""
