@@ -1,9 +1,12 @@
-"""The model contract: every fact about Qwen-VL-Chat that export, runtime and the native core share.
+"""The model contract: every fact about Qwen-VL-Chat as the exporter writes it into a bundle.
 
-One place, so the Python stages and the C++ core cannot drift apart: special token ids and names,
-bundle file names, the 256 adapter queries, the image size and CLIP mean/std, the system prompt,
-the generation defaults, and the GGUF metadata keys (``qwenvl.*``) under which the exporter writes
-all of them into ``llm.gguf`` (the native core reads them from there, never from its own copies).
+One place for what the exporter writes: special token ids and names, the 256 adapter queries, the image
+size and CLIP mean/std, the grounding tags, the system prompt, the generation defaults (into the
+manifest's ``model`` section and, under the GGUF metadata keys ``qwenvl.*``, into ``llm.gguf``), and
+the names every layer shares: bundle files, vision tensors, GGUF keys.
+The runtimes read the facts back from the bundle, never from here: the Python runtime imports only the
+names (tests/test_contract.py checks it; ``runtime/bundle.py`` ModelInfo holds the facts it reads), the
+native core reads the GGUF (native/src/model_contract.cpp) and ``qwenvl-native`` the manifest.
 This module imports nothing but the standard library: every layer may depend on it.
 """
 
@@ -86,12 +89,14 @@ def float_list(values) -> str:
 
 def gguf_metadata(image_start_id: int = IMAGE_START_ID, n_queries: int = N_QUERIES, image_size: int = IMAGE_SIZE,
                   system_prompt: str = SYSTEM_PROMPT, top_p: float = TOP_P, top_k: int = TOP_K,
-                  max_new_tokens: int = MAX_NEW_TOKENS, eos_id: int = EOS_ID) -> dict[str, Any]:
+                  max_new_tokens: int = MAX_NEW_TOKENS, eos_id: int = EOS_ID,
+                  image_mean: tuple[float, ...] = IMAGE_MEAN, image_std: tuple[float, ...] = IMAGE_STD
+                  ) -> dict[str, Any]:
     """The ``qwenvl.*`` keys and their values as the exporter writes them (ints, floats, strings)."""
     return {
         KEY_EOS_ID: eos_id, KEY_IM_START_ID: IM_START_ID, KEY_IM_END_ID: IM_END_ID, KEY_REF_START_ID: REF_START_ID,
         KEY_IMAGE_START_ID: image_start_id, KEY_IMAGE_END_ID: image_start_id + 1,
         KEY_IMAGE_PAD_ID: image_start_id + 2, KEY_N_QUERIES: n_queries, KEY_IMAGE_SIZE: image_size,
-        KEY_IMAGE_MEAN: float_list(IMAGE_MEAN), KEY_IMAGE_STD: float_list(IMAGE_STD), KEY_SYSTEM_PROMPT: system_prompt,
+        KEY_IMAGE_MEAN: float_list(image_mean), KEY_IMAGE_STD: float_list(image_std), KEY_SYSTEM_PROMPT: system_prompt,
         KEY_TOP_P: float(top_p), KEY_TOP_K: top_k, KEY_MAX_NEW_TOKENS: max_new_tokens,
     }

@@ -1,22 +1,31 @@
 """Grounding output: ``<ref>label</ref><box>(x1,y1),(x2,y2)</box>`` -> pixel boxes, and drawing them.
 
-Corners are integers 0..1000 relative to the original image (before the 448 squash), so a
+Corners are integers 0..1000 relative to the original image (before the squash to the model's side), so a
 pixel coordinate is ``x / 1000 * width``. A ``<box>`` without a ``<ref>`` before it takes
-the last label seen (the model writes several boxes for one phrase that way).
+the last label seen (the model writes several boxes for one phrase that way). The tag texts are the
+bundle's (``ModelInfo.grounding``); Qwen-VL's are the default.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from qwenvl_edge.errors import QwenVLError
 
-_TOKEN = re.compile(r"<ref>(?P<ref>.*?)</ref>|<box>\s*\((?P<x1>-?\d+)\s*,\s*(?P<y1>-?\d+)\)\s*,\s*"
-                    r"\((?P<x2>-?\d+)\s*,\s*(?P<y2>-?\d+)\)\s*</box>", re.S)
+TAGS = ("<ref>", "</ref>", "<box>", "</box>")  # Qwen-VL's; a bundle may name its own
+
+
+@lru_cache(maxsize=8)
+def _pattern(ref: str, ref_end: str, box: str, box_end: str) -> re.Pattern[str]:
+    ref, ref_end, box, box_end = (re.escape(t) for t in (ref, ref_end, box, box_end))
+    return re.compile(rf"{ref}(?P<ref>.*?){ref_end}|{box}\s*\((?P<x1>-?\d+)\s*,\s*(?P<y1>-?\d+)\)\s*,\s*"
+                      rf"\((?P<x2>-?\d+)\s*,\s*(?P<y2>-?\d+)\)\s*{box_end}", re.S)
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
 
 
@@ -32,11 +41,12 @@ class Box:
         return asdict(self)
 
 
-def parse_boxes(text: str, width: int, height: int) -> list[Box]:
-    """Every box in ``text``, scaled to an image of ``width`` x ``height`` pixels."""
+def parse_boxes(text: str, width: int, height: int, tags: Sequence[str] = TAGS) -> list[Box]:
+    """Every box in ``text``, scaled to an image of ``width`` x ``height`` pixels; ``tags``: the bundle's
+    ``<ref> </ref> <box> </box>`` texts (``ModelInfo.grounding``, whose first four they are)."""
     boxes: list[Box] = []
     label = ""
-    for m in _TOKEN.finditer(text):
+    for m in _pattern(*tags[:4]).finditer(text):
         if m.group("ref") is not None:
             label = m.group("ref").strip()
             continue

@@ -4,6 +4,11 @@ The manifest is the only description of the model the runtime gets (it never see
 checkpoint), so this module owns the format: the exporter writes it through
 ``make_manifest`` and the runtime reads it through ``Bundle.open``, which checks that every
 listed file is there with its recorded size before any engine loads it.
+
+Every model fact the runtime uses (image side, mean/std, rows per image, special token ids, grounding
+tags, system prompt, sampling defaults) is read from the bundle: the manifest's ``model`` section, and
+for a fact an older manifest lacks, the GGUF's ``qwenvl.*`` metadata (the tags: its vocabulary). The
+defaults of ``ModelInfo`` are the exporter's (``qwenvl_edge/contract.py``), used only when writing.
 """
 
 from __future__ import annotations
@@ -12,23 +17,23 @@ import hashlib
 import math
 import os
 import re
-from dataclasses import MISSING, asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 from qwenvl_edge import contract
 from qwenvl_edge.errors import BundleError
-from qwenvl_edge.runtime.gguf_header import read_gguf_metadata
-from qwenvl_edge.runtime.preprocess import IMAGE_MEAN, IMAGE_STD
+from qwenvl_edge.paths import ENV_BUNDLE, default_bundle_dir, demo_bundle_dir  # noqa: F401 (re-exported)
+from qwenvl_edge.runtime.gguf_header import read_gguf_metadata, read_gguf_tokens
+from qwenvl_edge.runtime.preprocess import ImageSpec
 from qwenvl_edge.validate import json_file, plain_name
 
 BUNDLE_FORMAT = "qwenvl-edge-bundle"
 BUNDLE_VERSION = 1
 MANIFEST, VISION_FILE, LLM_FILE = contract.MANIFEST_FILE, contract.VISION_FILE, contract.LLM_FILE
-ENV_BUNDLE = "QWENVL_EDGE_BUNDLE"
 
-SYSTEM_PROMPT = contract.SYSTEM_PROMPT
 LLM_ARCH = "qwen"  # llama.cpp's architecture for Qwen-7B: a GGUF of any other one answers wrongly
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_ID = 2**31 - 1
@@ -41,11 +46,28 @@ GGUF_FACTS = {
     "attention.head_count": ("config", "num_attention_heads"),
     "feed_forward_length": ("config", "intermediate_size"),
 }
+# ModelInfo field -> the GGUF key that states the same fact (the fallback for an older manifest without it)
+GGUF_KEYS = {
+    "eos_token_id": contract.KEY_EOS_ID, "im_start_id": contract.KEY_IM_START_ID,
+    "im_end_id": contract.KEY_IM_END_ID, "ref_start_id": contract.KEY_REF_START_ID,
+    "image_start_id": contract.KEY_IMAGE_START_ID, "n_queries": contract.KEY_N_QUERIES,
+    "image_size": contract.KEY_IMAGE_SIZE, "image_mean": contract.KEY_IMAGE_MEAN,
+    "image_std": contract.KEY_IMAGE_STD, "system_prompt": contract.KEY_SYSTEM_PROMPT,
+    "top_p": contract.KEY_TOP_P, "top_k": contract.KEY_TOP_K, "max_new_tokens": contract.KEY_MAX_NEW_TOKENS,
+}
+GGUF_TOKENS = "tokenizer.ggml.tokens"
+N_GROUNDING_TAGS = 6  # <ref> </ref> <box> </box> <quad> </quad>: consecutive ids from ref_start_id
+FactSource = Callable[[set[str]], dict[str, Any]]  # GGUF keys -> their values (read only when needed)
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the runtime must know about the model beyond what the GGUF and ONNX files say."""
+    """What the runtime must know about the model beyond what the GGUF and ONNX files say.
+
+    The runtime's one object of model facts: built from the bundle by ``from_dict`` (manifest, then the
+    GGUF), passed whole to whatever needs a fact. The field defaults are what the exporter writes
+    (``make_manifest``); ``from_dict`` never falls back on them.
+    """
 
     hidden_size: int
     vocab_size: int
@@ -57,38 +79,64 @@ class ModelInfo:
     im_start_id: int = contract.IM_START_ID
     im_end_id: int = contract.IM_END_ID
     ref_start_id: int = contract.REF_START_ID  # <ref> </ref> <box> </box> <quad> </quad> follow it
-    system_prompt: str = SYSTEM_PROMPT
-    image_mean: tuple[float, float, float] = IMAGE_MEAN
-    image_std: tuple[float, float, float] = IMAGE_STD
-    top_p: float = 0.3
-    top_k: int = 0
-    max_new_tokens: int = 512
+    system_prompt: str = contract.SYSTEM_PROMPT
+    image_mean: tuple[float, float, float] = contract.IMAGE_MEAN
+    image_std: tuple[float, float, float] = contract.IMAGE_STD
+    top_p: float = contract.TOP_P
+    top_k: int = contract.TOP_K
+    max_new_tokens: int = contract.MAX_NEW_TOKENS
+    grounding: tuple[str, ...] = contract.GROUNDING_TAGS  # the texts of ref_start_id .. ref_start_id + 5
 
     @property
     def image_end_id(self) -> int:
         return self.image_start_id + 1
 
     @property
+    def image_spec(self) -> ImageSpec:
+        """What preprocessing needs: the vision model's side and normalisation."""
+        return ImageSpec(self.image_size, self.image_mean, self.image_std)
+
+    @property
+    def positions_per_image(self) -> int:
+        """``<img>``, the image's rows, ``</img>``."""
+        return self.n_queries + 2
+
+    @property
     def grounding_tags(self) -> dict[str, int]:
         """The tags that stay special in user text (how a prompt asks for a box)."""
-        names = ["<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>"]
-        return {name: self.ref_start_id + i for i, name in enumerate(names)}
+        return {name: self.ref_start_id + i for i, name in enumerate(self.grounding)}
+
+    def gguf_facts(self) -> dict[str, Any]:
+        """The ``qwenvl.*`` values the GGUF must state for this manifest (checked when the vocabulary loads)."""
+        facts = {key: getattr(self, name) for name, key in GGUF_KEYS.items()}
+        facts[contract.KEY_IMAGE_END_ID] = self.image_start_id + 1
+        facts[contract.KEY_IMAGE_PAD_ID] = self.image_start_id + 2
+        return facts
 
     @property
     def stop_ids(self) -> frozenset[int]:
         return frozenset({self.im_end_id, self.im_start_id, self.eos_token_id})
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "manifest model") -> ModelInfo:
-        """Checked: every field of the right type and range (see ``_check_model_field``), ids inside the vocabulary."""
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest model", gguf: FactSource | None = None,
+                  gguf_where: str = "the GGUF") -> ModelInfo:
+        """Checked: every field of the right type and range (see ``_check_model_field``), ids inside the vocabulary.
+
+        A fact the manifest lacks is read from the GGUF (``gguf``: its ``qwenvl.*`` keys, the grounding tags
+        from its vocabulary); one that neither states is refused, never assumed.
+        """
         if not isinstance(data, dict):
             raise BundleError(f"{where}: not a JSON object")
         kwargs = {}
+        absent = []
         for f in fields(cls):
             if f.name in data:
                 kwargs[f.name] = _check_model_field(f.name, str(f.type), data[f.name], where)
-            elif f.default is MISSING:
+            elif gguf is None or (f.name not in GGUF_KEYS and f.name != "grounding"):
                 raise BundleError(f"{where}: missing {f.name}")
+            else:
+                absent.append(f.name)
+        kwargs.update(_facts_from_gguf(absent, kwargs, gguf, gguf_where))
         info = cls(**kwargs)
         for name in ("image_start_id", "eos_token_id", "im_start_id", "im_end_id", "ref_start_id"):
             last = getattr(info, name) + (5 if name == "ref_start_id" else 2 if name == "image_start_id" else 0)
@@ -98,9 +146,76 @@ class ModelInfo:
         return info
 
 
+def _facts_from_gguf(names: list[str], known: dict[str, Any], gguf: FactSource, where: str) -> dict[str, Any]:
+    """The facts ``names`` as the GGUF states them, checked like the manifest's."""
+    if not names:
+        return {}
+    keys = {GGUF_KEYS[n] for n in names if n in GGUF_KEYS}
+    meta = gguf(keys) if keys else {}
+    out: dict[str, Any] = {}
+    kinds = {f.name: str(f.type) for f in fields(ModelInfo)}
+    for name in names:
+        if name == "grounding":
+            continue
+        value = meta.get(GGUF_KEYS[name])
+        if value is None:
+            raise BundleError(f"{where}: the manifest has no model.{name} and the GGUF no {GGUF_KEYS[name]}: "
+                              "export the bundle again")
+        if name in ("image_mean", "image_std") and isinstance(value, str):
+            value = _float_triple(value)
+        out[name] = _check_model_field(name, kinds[name], value, f"{where} {GGUF_KEYS[name]}")
+    if "grounding" in names:
+        first = {**known, **out}.get("ref_start_id")
+        out["grounding"] = _grounding_from_vocab(gguf, first, where)
+    return out
+
+
+def check_gguf_facts(meta: dict[str, str], info: ModelInfo, path: Path) -> None:
+    """The GGUF's ``qwenvl.*`` facts (llama.cpp's metadata strings) must be the manifest's: a manifest and a GGUF
+    of different models would preprocess, prompt and stop by different rules. A key an older GGUF lacks is
+    skipped, and so is top_p (float text is llama.cpp's rounding); mean/std compare as numbers."""
+    for key, want in info.gguf_facts().items():
+        have = meta.get(key)
+        if have is None or isinstance(want, float):
+            continue
+        if isinstance(want, tuple):
+            got = _float_triple(have)
+            same = len(got) == 3 and all(isinstance(g, float) and math.isclose(g, w, rel_tol=1e-6, abs_tol=1e-9)
+                                         for g, w in zip(got, want, strict=True))
+        else:
+            same = str(want) == have
+        if not same:
+            raise BundleError(f"{path}: {key} is {have!r:.60}, the manifest says {want!r:.60}: parts of different "
+                              "models")
+
+
+def _float_triple(text: str) -> list[Any]:
+    """"0.5, 0.25, 0.125" (how the exporter writes three floats into one GGUF string) -> numbers; text if not."""
+    try:
+        return [float(v) for v in text.strip("[] ").split(",")]
+    except ValueError:
+        return [text]
+
+
+def _grounding_from_vocab(gguf: FactSource, first: Any, where: str) -> tuple[str, ...]:
+    """The texts of the grounding tokens, from the GGUF's vocabulary."""
+    tokens = gguf({f"{GGUF_TOKENS}[{first + i}]" for i in range(N_GROUNDING_TAGS)}) if isinstance(first, int) else {}
+    tags = tuple(tokens.get(f"{GGUF_TOKENS}[{first + i}]") for i in range(N_GROUNDING_TAGS))
+    if not all(isinstance(t, str) and t for t in tags):
+        raise BundleError(f"{where}: the manifest has no model.grounding and the GGUF's vocabulary does not "
+                          "state the grounding tags: export the bundle again")
+    return tags
+
+
 def _check_model_field(name: str, kind: str, value: Any, where: str) -> Any:
-    """One ``model`` field: ints (ids >= 0, sizes >= 1), a str, 3 finite floats, top_p in (0, 1]."""
+    """One ``model`` field: ints (ids >= 0, sizes >= 1), a str, 3 finite floats, top_p in (0, 1], the 6 tag texts."""
     bad = f"{where}: {name} {value!r:.40} is not "
+    if name == "grounding":
+        ok = isinstance(value, list | tuple) and len(value) == N_GROUNDING_TAGS and all(
+            isinstance(v, str) and v and not v.isspace() for v in value) and len(set(value)) == len(value)
+        if not ok:
+            raise BundleError(bad + f"{N_GROUNDING_TAGS} distinct non-empty strings")
+        return tuple(value)
     if kind == "int":
         low = 0 if name.endswith("_id") or name == "top_k" else 1
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_ID:
@@ -144,10 +259,14 @@ def make_manifest(folder: Path, model: ModelInfo, vision: dict[str, Any], llm: d
             "model": asdict(model), "vision": vision, "llm": llm, "files": files, "source": source}
 
 
-def default_bundle_dir() -> Path:
-    """``$QWENVL_EDGE_BUNDLE`` if set, else ``~/.cache/qwenvl-edge/bundle``."""
-    env = os.environ.get(ENV_BUNDLE)
-    return Path(env) if env else Path.home() / ".cache" / "qwenvl-edge" / "bundle"
+def _missing_hint(folder: Path) -> str:
+    """Where to look instead: the demo's bundle when it exists, else how to make one."""
+    if folder.is_dir():
+        return ""
+    demo = demo_bundle_dir()
+    if (demo / MANIFEST).is_file() and folder.resolve() != demo.resolve():
+        return f" (no such folder; the demo's bundle is {demo}: pass --bundle {demo} or set ${ENV_BUNDLE})"
+    return " (no such folder; make one with `qwenvl-edge export`, or run `qwenvl-edge demo`)"
 
 
 @dataclass(frozen=True)
@@ -176,10 +295,14 @@ class Bundle:
         folder = Path(folder) if folder is not None else default_bundle_dir()
         path = folder / MANIFEST
         if not path.is_file():
-            hint = "" if folder.is_dir() else " (no such folder; make one with `qwenvl-edge export` or `demo`)"
-            raise BundleError(f"{path}: missing: not a qwenvl-edge bundle{hint}")
+            raise BundleError(f"{path}: missing: not a qwenvl-edge bundle{_missing_hint(folder)}")
         manifest = json_file(path, BundleError, "manifest")
-        bundle = cls(folder, manifest, check_manifest(manifest, str(path)))
+
+        def gguf(keys: set[str]) -> dict[str, Any]:  # only for facts an older manifest lacks
+            llm = folder / manifest["llm"].get("file", LLM_FILE)
+            return read_gguf_tokens(llm, keys) if all("[" in k for k in keys) else read_gguf_metadata(llm, keys)
+
+        bundle = cls(folder, manifest, check_manifest(manifest, str(path), gguf))
         files = manifest["files"]
         for needed in (bundle.vision_path, bundle.llm_path):
             if needed.name not in files:
@@ -228,8 +351,9 @@ def _section(manifest: dict, key: str, where: str) -> dict:
     return value
 
 
-def check_manifest(manifest: Any, where: str) -> ModelInfo:
-    """Every field the runtime reads, checked once: format, model facts, file names and entries."""
+def check_manifest(manifest: Any, where: str, gguf: FactSource | None = None) -> ModelInfo:
+    """Every field the runtime reads, checked once: format, file names and entries, model facts (those the
+    manifest lacks from ``gguf``, the GGUF's metadata)."""
     if not isinstance(manifest, dict):
         raise BundleError(f"{where}: not a qwenvl-edge manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format") != BUNDLE_FORMAT:
@@ -237,7 +361,7 @@ def check_manifest(manifest: Any, where: str) -> ModelInfo:
     version = manifest.get("format_version")
     if version != BUNDLE_VERSION or isinstance(version, bool):
         raise BundleError(f"{where}: format_version {version!r:.20} is not {BUNDLE_VERSION}; re-export the bundle")
-    model = ModelInfo.from_dict(_section(manifest, "model", where), f"{where} model")
+    model_section = _section(manifest, "model", where)
     for part in ("vision", "llm"):
         section = _section(manifest, part, where)
         if "file" in section:
@@ -251,4 +375,4 @@ def check_manifest(manifest: Any, where: str) -> ModelInfo:
             raise BundleError(f"{where}: files.{name}.bytes {size!r:.30} is not a byte count")
         if not isinstance(digest, str) or not SHA256.fullmatch(digest):
             raise BundleError(f"{where}: files.{name}.sha256 {digest!r:.30} is not a sha256")
-    return model
+    return ModelInfo.from_dict(model_section, f"{where} model", gguf, where)

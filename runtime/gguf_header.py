@@ -46,6 +46,25 @@ class _Reader:
             raise BundleError(f"{self.path}: truncated GGUF header")
         self.f.seek(n, 1)
 
+    def pick_strings(self, kind: int, wanted: set[int]) -> dict[int, str]:
+        """The items ``wanted`` of a string array (the rest skipped); {} for any other kind of value."""
+        if kind != ARRAY:
+            self.value(kind, False)
+            return {}
+        item, count = self.unpack("<I"), self.unpack("<Q")
+        if item != STRING:
+            self.skip_array(item, count)
+            return {}
+        if count > self.size:
+            raise BundleError(f"{self.path}: corrupt GGUF header (array of {count} strings)")
+        out = {}
+        for i in range(count):
+            if i in wanted:
+                out[i] = self.string().decode("utf-8", "replace")
+            else:
+                self.skip_string()
+        return out
+
     def value(self, kind: int, keep: bool) -> Any:
         if kind in SCALARS:
             return self.unpack(SCALARS[kind])
@@ -54,20 +73,38 @@ class _Reader:
             return raw.decode("utf-8", "replace") if keep else None
         if kind == ARRAY:
             item, count = self.unpack("<I"), self.unpack("<Q")
-            if item in SCALARS:
-                nbytes = count * struct.calcsize(SCALARS[item])
-                if self.f.tell() + nbytes > self.size:
-                    raise BundleError(f"{self.path}: truncated GGUF header")
-                self.f.seek(nbytes, 1)
-            elif item == STRING:
-                if count > self.size:
-                    raise BundleError(f"{self.path}: corrupt GGUF header (array of {count} strings)")
-                for _ in range(count):
-                    self.skip_string()
-            else:
-                raise BundleError(f"{self.path}: corrupt GGUF header (array of type {item})")
+            self.skip_array(item, count)
             return count  # arrays are reported by their length (e.g. the vocabulary size)
         raise BundleError(f"{self.path}: corrupt GGUF header (value type {kind})")
+
+    def skip_array(self, item: int, count: int) -> None:
+        if item in SCALARS:
+            nbytes = count * struct.calcsize(SCALARS[item])
+            if self.f.tell() + nbytes > self.size:
+                raise BundleError(f"{self.path}: truncated GGUF header")
+            self.f.seek(nbytes, 1)
+        elif item == STRING:
+            if count > self.size:
+                raise BundleError(f"{self.path}: corrupt GGUF header (array of {count} strings)")
+            for _ in range(count):
+                self.skip_string()
+        else:
+            raise BundleError(f"{self.path}: corrupt GGUF header (array of type {item})")
+
+
+def _open_header(f: BinaryIO, path: Path) -> tuple[_Reader, int]:
+    """The reader after the fixed header, and the number of key/value pairs."""
+    r = _Reader(f, path.stat().st_size, path)
+    if r.take(4) != MAGIC:
+        raise BundleError(f"{path}: not a GGUF file")
+    version = r.unpack("<I")
+    if version not in (2, 3):
+        raise BundleError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    r.unpack("<Q")  # tensor count
+    n_kv = r.unpack("<Q")
+    if n_kv > MAX_KV:
+        raise BundleError(f"{path}: corrupt GGUF header ({n_kv} metadata keys)")
+    return r, n_kv
 
 
 def read_gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict[str, Any]:
@@ -75,22 +112,39 @@ def read_gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict[str, 
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            r = _Reader(f, path.stat().st_size, path)
-            if r.take(4) != MAGIC:
-                raise BundleError(f"{path}: not a GGUF file")
-            version = r.unpack("<I")
-            if version not in (2, 3):
-                raise BundleError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-            r.unpack("<Q")  # tensor count
-            n_kv = r.unpack("<Q")
-            if n_kv > MAX_KV:
-                raise BundleError(f"{path}: corrupt GGUF header ({n_kv} metadata keys)")
+            r, n_kv = _open_header(f, path)
             out: dict[str, Any] = {}
             for _ in range(n_kv):
                 key = r.string(MAX_KEY_BYTES).decode("utf-8", "replace")
                 kind = r.unpack("<I")
                 out[key] = r.value(kind, wanted is None or key in wanted)
                 if wanted is not None and wanted <= out.keys():
+                    break
+            return out
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_gguf_tokens(path: Path, wanted: set[str]) -> dict[str, str]:
+    """Items of string arrays named ``"key[i]"`` (e.g. ``tokenizer.ggml.tokens[7]``: the text of token 7);
+    an item the file does not have is left out."""
+    path = Path(path)
+    picks: dict[str, set[int]] = {}
+    for name in wanted:
+        key, _, index = name.rpartition("[")
+        picks.setdefault(key, set()).add(int(index.rstrip("]")))
+    try:
+        with open(path, "rb") as f:
+            r, n_kv = _open_header(f, path)
+            out: dict[str, str] = {}
+            for _ in range(n_kv):
+                key = r.string(MAX_KEY_BYTES).decode("utf-8", "replace")
+                kind = r.unpack("<I")
+                if key not in picks:
+                    r.value(kind, False)
+                    continue
+                out.update({f"{key}[{i}]": text for i, text in r.pick_strings(kind, picks.pop(key)).items()})
+                if not picks:
                     break
             return out
     except OSError as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from qwenvl_edge import validate
 from qwenvl_edge.errors import PromptError
-from qwenvl_edge.runtime import chat_api
+from qwenvl_edge.runtime import chat_api, structured
 from qwenvl_edge.runtime.bundle import Bundle
 from qwenvl_edge.runtime.preprocess import ImageSource, read_image
 from qwenvl_edge.runtime.prompt import ImageRef, Turn, Unit
@@ -48,7 +48,8 @@ class QwenVL:
     One ``QwenVL`` runs one call at a time: another thread's call waits (see ``serial.py``).
     """
 
-    def __init__(self, bundle_dir: Path | str | None = None, n_threads: int | None = None, n_ctx: int = 2048,
+    def __init__(self, bundle_dir: Path | str | None = None, n_threads: int | None = None,
+                 n_ctx: int = validate.DEFAULT_N_CTX,
                  *, keep_vision: bool = True, cache_dir=DEFAULT_CACHE, seed: int | None = None,
                  verbose: bool = False, use_mmap: bool = False, repack: bool = True):
         self.bundle = Bundle.open(Path(bundle_dir).expanduser() if bundle_dir is not None else None)
@@ -70,9 +71,9 @@ class QwenVL:
         return self.session.n_ctx
 
     def encode_image(self, image: ImageSource) -> np.ndarray:
-        """The image's rows ``(256, hidden)`` float32, from the cache when this image was seen before."""
+        """The image's rows ``(n_queries, hidden)`` float32, from the cache when this image was seen before."""
         with self._guard.call():
-            return self.session.encoder.rows(read_image(image))
+            return self.session.encoder.rows(read_image(image, "the image", self.info.image_size))
 
     def release_vision(self) -> None:
         """Free the ONNX session (it is reopened when another image comes)."""
@@ -101,7 +102,8 @@ class QwenVL:
         return ids_with_image_slots(self.build_prompt(images, prompt, history))
 
     def _request(self, images: Any, prompt: Any, history: Any, max_tokens: Any, temperature: Any, top_p: Any,
-                 top_k: Any, stop: Any, seed: Any, system: str | None = None) -> Request:
+                 top_k: Any, stop: Any, seed: Any, system: str | None = None, response_format: Any = None,
+                 logprobs: Any = None, top_logprobs: Any = None) -> Request:
         images = validate.image_list(images)
         prompt = validate.question(prompt, "the question")
         if not isinstance(history, (list, tuple)) or not all(isinstance(t, Turn) for t in history):
@@ -115,18 +117,23 @@ class QwenVL:
                         1.0 if temperature is None else temperature,
                         validate.top_p(top_p) or self.info.top_p,
                         self.info.top_k if top_k is None else validate.top_k(top_k),
-                        seed, chat_api.StopStrings(stop), system)
+                        seed, chat_api.StopStrings(stop), system, structured.grammar_for(response_format),
+                        structured.logprob_count(logprobs, top_logprobs))
 
     def generate(self, images: Sequence[ImageSource] = (), prompt: str = "", history: Sequence[Turn] = (),
                  max_tokens: int | None = None, temperature: float = 1.0, top_p: float | None = None,
                  stream: bool = False, *, top_k: int | None = None, stop: str | Sequence[str] | None = None,
-                 seed: int | None = None) -> GenerationResult | Iterator[str]:
+                 seed: int | None = None, response_format: dict | None = None, logprobs: bool = False,
+                 top_logprobs: int | None = None) -> GenerationResult | Iterator[str]:
         """Answer ``prompt`` about ``images``; greedy when ``temperature`` is 0.
 
         Returns a ``GenerationResult``, or with ``stream=True`` an iterator of text pieces
-        whose result is in ``self.last_result`` once it is exhausted.
+        whose result is in ``self.last_result`` once it is exhausted. ``response_format`` (OpenAI's
+        ``json_object`` / ``json_schema``) makes the answer follow a grammar; ``logprobs`` fills
+        ``result.logprobs`` with the model's log-probability of each token (and ``top_logprobs`` others).
         """
-        request = self._request(images, prompt, history, max_tokens, temperature, top_p, top_k, stop, seed)
+        request = self._request(images, prompt, history, max_tokens, temperature, top_p, top_k, stop, seed,
+                                None, response_format, logprobs, top_logprobs)
         if not stream:
             with self._guard.call():
                 pieces = self._start(request)
@@ -148,35 +155,50 @@ class QwenVL:
     def create_chat_completion(self, messages: list[dict], stream: bool = False, max_tokens: int | None = None,
                                temperature: float | None = None, top_p: float | None = None,
                                top_k: int | None = None, stop: str | list[str] | None = None,
-                               seed: int | None = None) -> dict | Iterator[dict]:
+                               seed: int | None = None, cancel: Callable[[], bool] | None = None,
+                               response_format: dict | None = None, logprobs: bool | None = None,
+                               top_logprobs: int | None = None) -> dict | Iterator[dict]:
         """OpenAI-style chat, shaped as ``llama_cpp.Llama.create_chat_completion`` returns it.
 
         ``messages``: system/user/assistant dicts; content a string or ``text`` / ``image_url`` parts.
         Earlier assistant turns are history (their KV prefix is reused when a conversation is resent
         with one more turn). Each choice carries ``boxes``: grounding boxes in pixels of the newest
         user message's first image. ``temperature`` None: the model's sampling (1.0, top_p 0.3).
+        ``cancel``: asked between images, prefill batches and tokens; when it returns True the call
+        (or the stream) raises ``CancelledError`` there and the model is free for the next call.
+        ``response_format``: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+        {"name", "schema", "strict"}}``, enforced by a llama.cpp grammar; ``logprobs`` / ``top_logprobs``
+        (0..20): OpenAI's ``choices[0].logprobs.content``, of the model's own distribution.
         """
         conv = chat_api.parse_messages(messages)
         request = self._request(conv.images, conv.question, conv.history, max_tokens, temperature, top_p, top_k,
-                                stop, seed, conv.system)
+                                stop, seed, conv.system, response_format, logprobs, top_logprobs)
         ident = chat_api.new_id()
         model = str(self.bundle.llm_path)
         if not stream:
             with self._guard.call():
-                for _ in self._start(request):
+                for _ in self._start(request, cancel):
                     pass
                 r = self.last_result
             return chat_api.completion(ident, model, r.text, r.finish_reason, [b.to_dict() for b in r.boxes],
-                                       _usage(r))
+                                       _usage(r), r.logprobs)
 
         def chunks(pieces: Iterator[str]) -> Iterator[dict]:
+            sent = 0
+
+            def new_logprobs() -> list[dict] | None:  # the tokens decoded since the last chunk
+                nonlocal sent
+                entries, sent = request.logprob_entries[sent:], len(request.logprob_entries)
+                return None if request.logprobs is None else entries
+
             yield chat_api.chunk(ident, model, {"role": "assistant"})
             for piece in pieces:
-                yield chat_api.chunk(ident, model, {"content": piece})
+                yield chat_api.chunk(ident, model, {"content": piece}, logprobs=new_logprobs())
             r = self.last_result
-            yield chat_api.chunk(ident, model, {}, r.finish_reason, [b.to_dict() for b in r.boxes], _usage(r))
+            yield chat_api.chunk(ident, model, {}, r.finish_reason, [b.to_dict() for b in r.boxes], _usage(r),
+                                 new_logprobs())
 
-        return self._streamed(lambda: chunks(self._start(request)))
+        return self._streamed(lambda: chunks(self._start(request, cancel)))
 
     def chat(self, prompt: str, images: Sequence[ImageSource] = (), **kwargs) -> GenerationResult | Iterator[str]:
         """One turn of a conversation that remembers earlier turns (and keeps their KV cache)."""
@@ -208,9 +230,9 @@ class QwenVL:
             self.history.clear()
             self.session.reset()
 
-    def _start(self, r: Request) -> Iterator[str]:
+    def _start(self, r: Request, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
         """Encode and prefill now (errors raise here); the iterator decodes and sets ``last_result`` at its end."""
-        pieces, holder = self.session.start(r)
+        pieces, holder = self.session.start(r, cancel)
 
         def run() -> Iterator[str]:
             yield from pieces

@@ -1,4 +1,4 @@
-"""Image -> pixel_values exactly as Qwen-VL's transform: bicubic squash to S x S, /255, CLIP mean/std.
+"""Image -> pixel_values exactly as Qwen-VL's transform: bicubic squash to S x S, /255, the model's mean/std.
 
 Pillow and numpy only. ``read_image`` is where untrusted images are met, whatever the caller passes
 (a path, ``Path``, PIL image, encoded ``bytes``, a binary file object, a uint8 numpy array): each
@@ -8,6 +8,17 @@ reduced DCT scale (memory stays bounded for 108 MP and 200 MP camera photos), sc
 8 bits (the original clipped them, so they came out almost white), refuses only true decompression
 bombs, and turns every decoding failure into a one-line ``ImageError``. Integers are never taken for
 file descriptors: ``images=[0]`` is refused, it does not read stdin.
+
+Transparency is flattened onto white (the original's ``convert("RGB")`` dropped alpha, so a transparent
+PNG reached the model as black while a browser shows it on white): any image with an alpha channel or a
+transparent colour (RGBA, LA, PA, P or L/RGB with a ``transparency`` key) becomes
+``(c * a + 255 * (255 - a) + 127) // 255`` per channel, in integers, so the native core
+(native/src/image_preprocess.cpp, native/tools/image_file.cpp) gives the same bytes. Opaque images are
+untouched. Every message names the image as the caller gave it (its path, or ``name`` such as "image 2"),
+never a Python object.
+
+The model's facts (side, mean, std) come from the bundle as one ``ImageSpec`` (``ModelInfo.image_spec``);
+nothing here knows Qwen-VL's numbers.
 """
 
 from __future__ import annotations
@@ -16,15 +27,16 @@ import hashlib
 import io
 import logging
 import os
+import re
 import stat
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from qwenvl_edge.contract import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD  # the model contract, re-exported
 from qwenvl_edge.errors import ImageError
 
 # Pixel limits (width x height as the file declares it). Formats decoded in full: 2**27 (134 MP: every
@@ -33,6 +45,7 @@ from qwenvl_edge.errors import ImageError
 MAX_PIXELS = 2**27
 MAX_PIXELS_JPEG = 2**28
 DRAFT_ABOVE = 2**24  # below 16 MP a JPEG is decoded in full, exactly as the original does
+DRAFT_SIDE = 448  # a large JPEG is decoded at least this big when the caller names no model side
 MAX_FILE_BYTES = 2**30
 # Pillow refuses at twice its limit inside Image.open, before we can look: raise its default (89 MP) so our
 # limits above decide. A limit the user set themselves is left alone.
@@ -42,6 +55,33 @@ if Image.MAX_IMAGE_PIXELS == 89478485:
 ImageSource = str | os.PathLike | Image.Image | bytes | bytearray | memoryview | np.ndarray | io.IOBase
 
 log = logging.getLogger(__name__)
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the vision model takes: side S of its square input and the per-channel mean/std (the bundle's)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def exporter_spec(size: int | None = None) -> ImageSpec:
+    """The exporter's spec (qwenvl_edge/contract.py), for tools that work before a bundle exists
+    (calibration, training, tests) and name at most a side; the runtime passes the bundle's spec instead."""
+    from qwenvl_edge import contract  # exporter facts: only this helper reads them
+
+    return ImageSpec(contract.IMAGE_SIZE if size is None else size, contract.IMAGE_MEAN, contract.IMAGE_STD)
+
+
+def _as_spec(spec: ImageSpec | int | None) -> ImageSpec:
+    if isinstance(spec, ImageSpec):
+        return spec
+    if spec is not None and (isinstance(spec, bool) or not isinstance(spec, int) or spec < 1):
+        raise ValueError(f"image spec {spec!r:.40} is not an ImageSpec or a side >= 1")
+    return exporter_spec(spec)
 
 
 class ImageData(NamedTuple):
@@ -53,17 +93,45 @@ class ImageData(NamedTuple):
 
 
 def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())}".rstrip(": ")
+    """The exception in one line, without object reprs (Pillow's "cannot identify image file <_io.BytesIO ...>")."""
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image format Pillow reads"
+    text = _OBJECT_REPR.sub("the data", " ".join(str(e).split()))
+    return f"{type(e).__name__}: {text}".rstrip(": ")
 
 
-def _name(source: Any) -> str:
-    """How messages name an image: its path, else its kind."""
+def _name(source: Any, name: str | None = None) -> str:
+    """How messages name an image: its path, else the caller's ``name`` ("image 2"), else its kind."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        return path if isinstance(path, str) else repr(path)
+        return path if isinstance(path, str) else os.fsdecode(path)
+    if name:
+        return name
     if isinstance(source, Image.Image):
         return "PIL image"
-    return "numpy array" if isinstance(source, np.ndarray) else type(source).__name__
+    if isinstance(source, np.ndarray):
+        return "numpy array"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "image bytes"
+    return "image file object" if callable(getattr(source, "read", None)) else f"a {type(source).__name__!r} value"
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """An alpha channel, or a palette / colour key that marks some pixels transparent."""
+    return image.mode in ALPHA_MODES or "transparency" in image.info
+
+
+def flatten_on_white(image: Image.Image) -> Image.Image:
+    """RGB with transparency composited onto white: ``(c * a + 255 * (255 - a) + 127) // 255``, exact integers
+    (the native loaders do the same arithmetic); an opaque image is only converted to RGB."""
+    if not has_alpha(image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Palette images with Transparency expressed in bytes ..."
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)
+    alpha = rgba[..., 3:]
+    flat = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255  # <= 65152: fits uint16
+    return Image.fromarray(flat.astype(np.uint8), "RGB")
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -83,7 +151,7 @@ def _upright_rgb(image: Image.Image, where: str) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception as e:  # a corrupt EXIF block should not cost the picture
         log.warning("%s: ignoring unreadable EXIF orientation (%s)", where, _one_line(e))
-    return _to_8bit(image).convert("RGB")
+    return flatten_on_white(_to_8bit(image))
 
 
 def _display_size(image: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
@@ -132,7 +200,7 @@ def _read_bytes(source: Any, where: str) -> bytes:
     return data
 
 
-def _decode(data: bytes, where: str) -> tuple[Image.Image, tuple[int, int]]:
+def _decode(data: bytes, where: str, draft_side: int) -> tuple[Image.Image, tuple[int, int]]:
     """Decode encoded image bytes with the pixel limits; returns the loaded picture and its declared size."""
     with warnings.catch_warnings():
         # our own limits decide below; decoder notes on damaged files ("Skipping tag ...") are not the user's to act on
@@ -145,26 +213,36 @@ def _decode(data: bytes, where: str) -> tuple[Image.Image, tuple[int, int]]:
             raise Image.DecompressionBombError(f"{size[0]}x{size[1]} = {pixels} pixels, over {limit} "
                                                f"for {image.format}")
         if image.format == "JPEG" and pixels > DRAFT_ABOVE:
-            image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # DCT scaling, the smallest of 1/2..1/8 that keeps 448
+            image.draft("RGB", (draft_side, draft_side))  # DCT scaling, the smallest of 1/2..1/8 that keeps S
         image.load()  # decode now: truncated data fails here, not in the resize
         return image, size
 
 
-def read_image(source: ImageSource) -> ImageData:
+def _check_not_empty(image: Image.Image, where: str) -> None:
+    """A 0 x N picture has no pixels to show the model (the original answered it as black)."""
+    if image.width < 1 or image.height < 1:
+        raise ImageError(f"{where}: empty image ({image.width}x{image.height} pixels)")
+
+
+def read_image(source: ImageSource, name: str | None = None, draft_side: int = DRAFT_SIDE) -> ImageData:
     """Read ``source`` once: (sha256 key, upright RGB image, display size), or one ``ImageError`` line.
 
     Accepted: a path (``str`` or ``os.PathLike``), encoded ``bytes``/``bytearray``/``memoryview``, a binary
     file object (read from its position to the end, never closed), a PIL image, a uint8 numpy array
-    HxW / HxWx3 / HxWx4. Anything else (``None``, ints, text) is refused.
+    HxW / HxWx3 / HxWx4. Anything else (``None``, ints, text) is refused. ``name`` is how messages call an
+    in-memory image ("image 2"); a path always names itself. ``draft_side``: the model's side (the bundle's
+    ``image_size``), the least a large JPEG is decoded at. Transparency is flattened onto white.
     """
-    where = _name(source)
+    where = _name(source, name)
     if source is None or isinstance(source, (bool, int, float, complex, np.generic)):
-        raise ImageError(f"{source!r} is not an image: pass a path, PIL image, bytes, a binary file or a uint8 "
+        shown = f"{where}: {type(source).__name__}" if name else repr(source)
+        raise ImageError(f"{shown} is not an image: pass a path, PIL image, bytes, a binary file or a uint8 "
                          "array (integers are not file descriptors here)")
     try:
         if isinstance(source, np.ndarray):
             source = _array_image(source)
         if isinstance(source, Image.Image):
+            _check_not_empty(source, where)
             if source.width * source.height > MAX_PIXELS:
                 raise Image.DecompressionBombError(f"{source.width}x{source.height} pixels exceeds {MAX_PIXELS}")
             return ImageData(_pil_key(source), _upright_rgb(source, where), _display_size(source, source.size))
@@ -174,7 +252,7 @@ def read_image(source: ImageSource) -> ImageData:
         if isinstance(source, str) and not source:
             raise ImageError("empty image path")
         data = _read_bytes(source, where)
-        image, size = _decode(data, where)
+        image, size = _decode(data, where, draft_side)
         with image:
             return ImageData(hashlib.sha256(data).hexdigest(), _upright_rgb(image, where), _display_size(image, size))
     except ImageError:
@@ -188,22 +266,29 @@ def read_image(source: ImageSource) -> ImageData:
         raise ImageError(f"{where}: cannot read image ({_one_line(e)})") from None
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
     """The decoded upright RGB picture of ``source`` (see ``read_image`` for what is accepted)."""
-    return read_image(source).image
+    return read_image(source, name).image
 
 
-def preprocess_image(image: Image.Image, image_size: int = IMAGE_SIZE) -> np.ndarray:
-    """RGB image -> float32 [3, S, S]: bicubic resize to S x S (no crop), /255, normalize."""
-    resized = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+def preprocess_image(image: Image.Image, spec: ImageSpec | int | None = None) -> np.ndarray:
+    """Image -> float32 [3, S, S]: transparency onto white, bicubic resize to S x S (no crop), /255, (x - mean) / std.
+
+    ``spec``: the bundle's ``ImageSpec`` (``ModelInfo.image_spec``); a bare side or None is the exporter's
+    (``exporter_spec``), for tools without a bundle.
+    """
+    spec = _as_spec(spec)
+    _check_not_empty(image, "PIL image")
+    resized = flatten_on_white(image).resize((spec.size, spec.size), Image.BICUBIC)
     x = np.asarray(resized, dtype=np.float32) / np.float32(255)  # (S, S, 3) in [0, 1]
-    x = (x - np.asarray(IMAGE_MEAN, dtype=np.float32)) / np.asarray(IMAGE_STD, dtype=np.float32)
+    x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, S, S) float32
 
 
-def preprocess_batch(images: Sequence[ImageSource], image_size: int = IMAGE_SIZE) -> np.ndarray:
+def preprocess_batch(images: Sequence[ImageSource], spec: ImageSpec | int | None = None) -> np.ndarray:
     """Images (anything ``read_image`` accepts) -> float32 [N, 3, S, S], each through ``preprocess_image``."""
-    out = np.empty((len(images), 3, image_size, image_size), dtype=np.float32)
-    for i, source in enumerate(images):
-        out[i] = preprocess_image(load_image(source), image_size)
+    spec = _as_spec(spec)
+    out = np.empty((len(images), 3, spec.size, spec.size), dtype=np.float32)
+    for i, source in enumerate(images, 1):
+        out[i - 1] = preprocess_image(read_image(source, f"image {i}", spec.size).image, spec)
     return out

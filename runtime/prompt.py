@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from qwenvl_edge.contract import N_QUERIES
 from qwenvl_edge.errors import PromptError
 from qwenvl_edge.runtime.bundle import ModelInfo
 
@@ -25,10 +24,13 @@ Tokenize = Callable[[str], list[int]]
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image in a prompt: ``key`` is its content hash, ``size`` its upright (width, height) in pixels."""
+    """One image in a prompt: ``key`` is its content hash, ``size`` its upright (width, height) in pixels.
+
+    ``n_rows``: the positions its rows take, the bundle's ``n_queries``; 0 until a ``PromptBuilder`` sets it.
+    """
 
     key: str
-    n_rows: int = N_QUERIES
+    n_rows: int = 0
     size: tuple[int, int] = (0, 0)
 
 
@@ -95,6 +97,8 @@ class PromptBuilder:
         """``Picture N: <img>rows</img>\\n`` per image, then the question (as from_list_format)."""
         pieces: list[Piece] = []
         for i, image in enumerate(turn.images, 1):
+            if image.n_rows != self.info.n_queries:  # the model decides how many rows an image is
+                image = replace(image, n_rows=self.info.n_queries)
             pieces += [f"Picture {i}: ", self.info.image_start_id, image, self.info.image_end_id, "\n"]
         return pieces + self.text_pieces(turn.question)
 
@@ -115,7 +119,7 @@ class PromptBuilder:
         need = n_positions(head) + n_positions(tail)
         if budget is not None and need > budget:
             raise PromptError(f"the question needs {need} positions ({len(question_turn.images)} image(s) x "
-                              f"{question_turn.images[0].n_rows + 2 if question_turn.images else 0} + text) "
+                              f"{self.info.positions_per_image if question_turn.images else 0} + text) "
                               f"but the context has room for {budget} (n_ctx {n_ctx}, {reserve} kept for the answer)")
         middle: list[Unit] = []
         for turn in reversed(history):

@@ -1,7 +1,8 @@
 """``VisionEncoder``: one onnxruntime session over the bundle's vision graph (FP32 or INT8).
 
 The session's signature is checked once, at load: input ``pixel_values`` float32 [N, 3, S, S]
-and output ``image_embeds`` float32 [N, 256, hidden] with S and hidden fixed numbers. A file
+and output ``image_embeds`` float32 [N, rows, hidden] with S, rows and hidden fixed numbers (rows: the
+bundle's ``n_queries`` when the caller gives it). A file
 that does not load or has another signature raises ``BundleError`` naming the file, so a broken
 bundle fails before any prompt is processed.
 
@@ -20,7 +21,6 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import numpy as np  # noqa: E402 - after the telemetry switch, which onnxruntime reads at import
 import onnxruntime as ort  # noqa: E402
 
-from qwenvl_edge.contract import N_QUERIES  # noqa: E402
 from qwenvl_edge.contract import VISION_INPUT as INPUT_NAME  # noqa: E402
 from qwenvl_edge.contract import VISION_OUTPUT as OUTPUT_NAME  # noqa: E402
 from qwenvl_edge.errors import BundleError
@@ -41,10 +41,15 @@ def _describe(arg: ort.NodeArg) -> str:
 
 
 class VisionEncoder:
-    """pixel_values [N, 3, S, S] float32 -> image_embeds [N, 256, hidden] float32 on the CPU."""
+    """pixel_values [N, 3, S, S] float32 -> image_embeds [N, rows, hidden] float32 on the CPU.
 
-    def __init__(self, onnx_path: Path | str, n_threads: int | None = None):
+    ``n_queries``: the rows per image the bundle states (``ModelInfo.n_queries``); a graph with other rows is
+    refused. None accepts any fixed number (tools that inspect a graph before any bundle exists).
+    """
+
+    def __init__(self, onnx_path: Path | str, n_threads: int | None = None, n_queries: int | None = None):
         self.path = Path(onnx_path)
+        self.n_queries = n_queries
         self._stack = contextlib.ExitStack()
         if not self.path.is_file():
             raise BundleError(f"{self.path}: vision model is missing")
@@ -56,15 +61,17 @@ class VisionEncoder:
             raise BundleError(f"{self.path}: not a loadable ONNX model ({reason})") from None
         self._session: ort.InferenceSession | None = session
         self._stack.callback(self._release)
-        self.image_size, self.hidden_size = self._check_signature(session)
+        self.image_size, self.n_queries, self.hidden_size = self._check_signature(session)
 
     def _release(self) -> None:
         self._session = None  # onnxruntime frees the session with its last reference
 
-    def _check_signature(self, session: ort.InferenceSession) -> tuple[int, int]:
+    def _check_signature(self, session: ort.InferenceSession) -> tuple[int, int, int]:
+        """(S, rows, hidden) of a graph with the one signature the runtime drives."""
         inputs, outputs = session.get_inputs(), session.get_outputs()
+        rows = self.n_queries if self.n_queries is not None else "rows"
         want = (f"want {INPUT_NAME} tensor(float) [N, 3, S, S] -> {OUTPUT_NAME} tensor(float) "
-                f"[N, {N_QUERIES}, hidden]")
+                f"[N, {rows}, hidden]")
         if len(inputs) != 1 or len(outputs) != 1:
             raise BundleError(f"{self.path}: has {len(inputs)} input(s) and {len(outputs)} output(s); {want}")
         x, y = inputs[0], outputs[0]
@@ -73,10 +80,11 @@ class VisionEncoder:
               and x.type == "tensor(float)" and y.type == "tensor(float)"
               and len(x.shape) == 4 and len(y.shape) == 3
               and x.shape[1] == 3 and isinstance(x.shape[2], int) and x.shape[2] == x.shape[3]
-              and y.shape[1] == N_QUERIES and isinstance(y.shape[2], int))
+              and isinstance(y.shape[1], int) and y.shape[1] == (self.n_queries or y.shape[1])
+              and isinstance(y.shape[2], int))
         if not ok:
             raise BundleError(f"{self.path}: wrong vision signature: {got}; {want}")
-        return x.shape[2], y.shape[2]
+        return x.shape[2], y.shape[1], y.shape[2]
 
     @property
     def session(self) -> ort.InferenceSession:
@@ -85,7 +93,7 @@ class VisionEncoder:
         return self._session
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """float32 [N, 3, S, S] (from ``preprocess_batch``) -> float32 [N, 256, hidden].
+        """float32 [N, 3, S, S] (from ``preprocess_batch``) -> float32 [N, rows, hidden].
 
         One image per run: a dynamic-INT8 graph scales activations per run, so a batch would make an
         image's rows depend on the other images beside it. Each image is already 1024 tokens, enough
@@ -95,10 +103,10 @@ class VisionEncoder:
         pixels = np.asarray(pixels, dtype=np.float32)
         if pixels.ndim != 4 or pixels.shape[1:] != (3, s, s):
             raise ValueError(f"pixel_values must be [N, 3, {s}, {s}], got {list(pixels.shape)}")
-        embeds = np.empty((len(pixels), N_QUERIES, self.hidden_size), dtype=np.float32)
+        embeds = np.empty((len(pixels), self.n_queries, self.hidden_size), dtype=np.float32)
         for i, image in enumerate(pixels):
             embeds[i] = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(image[None])})[0][0]
-        return embeds  # (N, 256, hidden) float32
+        return embeds  # (N, rows, hidden) float32
 
     def close(self) -> None:
         """Free the session; safe to call twice."""

@@ -3,6 +3,9 @@
 - the contract's values are the SPEC's (the only place besides the golden data where they are written);
 - no source file outside ``qwenvl_edge/contract.py`` spells a contract constant, and no code writes
   ``llama_cpp.Llama``'s privates;
+- the runtime (``runtime/``) takes every model fact from the bundle: from the contract it imports only file,
+  tensor and GGUF key names (the one exception: ``ModelInfo``'s field defaults, what the exporter's
+  ``make_manifest`` writes, and ``preprocess.exporter_spec`` for tools that run before a bundle exists);
 - ``llm.gguf`` carries every ``qwenvl.*`` key and a ChatML ``tokenizer.chat_template``, and
   llama-cpp-python's own ``create_chat_completion`` on it builds the runtime's text-only prompt ids;
 - the shared multi-turn prompt fixture (also checked by the native tests) is what the runtime builds.
@@ -10,6 +13,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -58,6 +62,56 @@ def test_no_copy_of_a_contract_constant() -> None:
     found = [f"{path.relative_to(REPO)}: {needle}" for path in source_files()
              for needle in FORBIDDEN if needle in path.read_text(encoding="utf-8", errors="replace")]
     assert found == []
+
+
+RUNTIME = REPO / "runtime"
+# what the runtime may take from the contract: names of files, tensors and GGUF keys, never a model fact
+NAMES = {"MANIFEST_FILE", "VISION_FILE", "LLM_FILE", "VISION_INPUT", "VISION_OUTPUT", "GGUF_PREFIX"}
+# where a runtime module may read a fact anyway: the exporter's side of a shared module (module, class/function)
+WRITER_SIDE = {("bundle.py", "ModelInfo"), ("preprocess.py", "exporter_spec")}
+
+
+def allowed_name(name: str) -> bool:
+    return name in NAMES or name.startswith("KEY_")
+
+
+def contract_uses(tree: ast.AST) -> list[tuple[str, int, str | None]]:
+    """(name, line, enclosing top-level class or function) of every contract name the module reads."""
+    found: list[tuple[str, int, str | None]] = []
+    for top in tree.body:
+        owner = top.name if isinstance(top, ast.ClassDef | ast.FunctionDef) else None
+        for node in ast.walk(top):
+            if isinstance(node, ast.ImportFrom) and node.module == "qwenvl_edge.contract":
+                found += [(alias.name, node.lineno, owner) for alias in node.names]
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id == "contract"):
+                found.append((node.attr, node.lineno, owner))
+    return found
+
+
+def test_runtime_takes_model_facts_only_from_the_bundle() -> None:
+    """Catches a runtime module that reads image size, mean/std, rows, ids or tags from contract.py."""
+    bad = []
+    for path in sorted(RUNTIME.glob("*.py")):
+        for name, line, owner in contract_uses(ast.parse(path.read_text(encoding="utf-8"))):
+            if not allowed_name(name) and (path.name, owner) not in WRITER_SIDE:
+                bad.append(f"runtime/{path.name}:{line}: contract.{name}")
+    assert bad == []
+
+
+def test_writer_side_facts_are_not_read_back() -> None:
+    """The exporter's defaults stay on the writer's side: no runtime module calls exporter_spec, and the
+    preprocessing calls of the runtime pass the bundle's spec."""
+    calls = []
+    for path in sorted(RUNTIME.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name | ast.Attribute):
+                name = node.func.id if isinstance(node.func, ast.Name) else node.func.attr
+                if name == "exporter_spec" or (name in ("preprocess_image", "preprocess_batch")
+                                               and len(node.args) + len(node.keywords) < 2):
+                    calls.append(f"runtime/{path.name}:{node.lineno}: {name}")
+    calls = [c for c in calls if not c.startswith("runtime/preprocess.py")]  # its own fallback
+    assert calls == []
 
 
 def test_no_code_touches_llama_privates() -> None:

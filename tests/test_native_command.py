@@ -7,6 +7,8 @@ What it pins down:
 - its image rows equal the Python runtime's (read_image -> preprocess_image -> onnxruntime): FP32 within 1e-4,
   the INT8 bundle's with min cosine >= 0.999, for a PNG, an RGBA PNG and a JPEG with an EXIF rotation (the
   native decoders, the orientation and the Pillow-exact resize, not only the graph);
+- transparent PNGs (RGBA, LA, palette and gray with a tRNS colour) are composited onto white, as in Python;
+- a bundle whose manifest has another mean and std gives other rows, the same as Python's for that bundle;
 - bad input (a missing bundle, an unreadable image, an unknown option) is one line on stderr, nothing on stdout
   and a non-zero exit.
 The binary comes from the shared host build (tests/native_build.py).
@@ -22,9 +24,12 @@ import pytest
 from PIL import Image
 
 from qwenvl_edge import contract
+from qwenvl_edge.runtime.bundle import Bundle
 from qwenvl_edge.runtime.preprocess import preprocess_image, read_image
 from qwenvl_edge.runtime.vision import VisionEncoder
 from tests.native_build import BUILD_ROOT, build_native, needs_cmake
+from tests.test_model_facts_bundle import other_normalisation
+from tests.test_model_facts_images import transparent_images
 
 pytestmark = needs_cmake
 GOLDEN_CASES = ["one_image", "two_images", "text_only"]
@@ -44,7 +49,7 @@ def run_native(cmd: Path, *args: str | Path, timeout: int = 300) -> subprocess.C
 
 @pytest.fixture(scope="module")
 def test_images(tmp_path_factory: pytest.TempPathFactory, golden) -> list[Path]:
-    """A golden PNG, an RGBA PNG (alpha dropped, not composited) and a JPEG stored sideways (EXIF 6)."""
+    """A golden PNG, an RGBA PNG (composited onto white) and a JPEG stored sideways (EXIF 6)."""
     folder = tmp_path_factory.mktemp("native_images")
     rng = np.random.default_rng(3)
     smooth = np.cumsum(rng.integers(-6, 7, (200, 320, 4)), axis=1).clip(0, 255).astype(np.uint8)
@@ -65,8 +70,9 @@ def native_rows(cmd: Path, bundle: Path, images: list[Path], out: Path) -> np.nd
 
 
 def python_rows(bundle: Path, images: list[Path]) -> np.ndarray:
+    spec = Bundle.open(bundle).model.image_spec  # the bundle's side, mean and std
     with VisionEncoder(bundle / contract.VISION_FILE, n_threads=2) as vision:
-        pixels = np.stack([preprocess_image(read_image(p).image, vision.image_size) for p in images])
+        pixels = np.stack([preprocess_image(read_image(p).image, spec) for p in images])
         return vision.encode(pixels)
 
 
@@ -97,6 +103,28 @@ def test_int8_rows_match_the_python_runtime(native_cmd: Path, default_bundle: Pa
     want = python_rows(default_bundle, test_images).reshape(got.shape)
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     assert cosine.min() >= 0.999
+
+
+def test_transparent_pngs_are_composited_on_white_as_in_python(native_cmd: Path, f32_bundle: Path, tmp_path: Path):
+    """Before: libpng's strip_alpha gave black where Python (and a browser) show white."""
+    pngs = transparent_images(tmp_path)
+    images = [pngs[mode][0] for mode in ("RGBA", "LA", "P+tRNS", "L+tRNS", "RGB+tRNS")]
+    got = native_rows(native_cmd, f32_bundle, images, tmp_path / "rows.f32")
+    want = python_rows(f32_bundle, images)
+    assert np.abs(got - want).max() < 1e-4
+    dropped = tmp_path / "dropped.png"  # what the native loader used to see: the colours without alpha
+    Image.open(images[0]).convert("RGB").save(dropped)
+    assert np.abs(got[0] - python_rows(f32_bundle, [dropped])[0]).max() > 1e-3
+
+
+def test_rows_follow_the_manifests_mean_and_std(native_cmd: Path, f32_bundle: Path, golden, tmp_path: Path):
+    """The command normalises with the bundle's mean/std: other numbers, other rows, the same as Python's."""
+    other = other_normalisation(f32_bundle, tmp_path / "other")
+    images = [golden.images["sign"]]
+    got = native_rows(native_cmd, other, images, tmp_path / "other.f32")
+    usual = native_rows(native_cmd, f32_bundle, images, tmp_path / "usual.f32")
+    assert np.abs(got - python_rows(other, images)).max() < 1e-4
+    assert np.abs(got - usual).max() > 1e-3
 
 
 @pytest.mark.parametrize("args, message", [

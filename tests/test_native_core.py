@@ -29,7 +29,10 @@ from PIL import Image
 from qwenvl_edge import contract
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.llm_gguf import write_llm_gguf
+from qwenvl_edge.runtime.preprocess import ImageSpec, preprocess_image
 from tests.native_build import BUILD_ROOT, REPO, build_native, needs_cmake
+from tests.test_model_facts_bundle import OTHER_MEAN, OTHER_STD
+from tests.test_model_facts_images import alpha_ramp
 
 IMAGE_ROWS = contract.N_QUERIES
 PROMPT_FIXTURE = REPO / "tests" / "data" / "multi_turn_prompt.json"
@@ -70,6 +73,7 @@ def write_test_data(folder: Path, golden, gguf: Path, n_embd: int) -> Path:
         lines += [f"rgb {name} {rgb.shape[1]} {rgb.shape[0]}", f"image_size {pixels.shape[-1]}"]
     lines += ["image_mean " + " ".join(map(repr, contract.IMAGE_MEAN)),
               "image_std " + " ".join(map(repr, contract.IMAGE_STD))]
+    lines += write_model_facts_data(folder, golden)
     fixture = json.loads(PROMPT_FIXTURE.read_text(encoding="utf-8"))  # also checked by tests/test_contract.py
     for turn in fixture["history"]:
         lines.append(f"fixture_turn {len(turn['images'])} {turn['question'].encode().hex()} "
@@ -88,6 +92,23 @@ def write_test_data(folder: Path, golden, gguf: Path, n_embd: int) -> Path:
                   "end"]
     (folder / "cases.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
+
+
+def write_model_facts_data(folder: Path, golden) -> list[str]:
+    """For the Java smoke test: the Python runtime's pixels under another model's mean/std (``<name>.other``) and
+    of a transparent RGBA picture (``ramp.rgba``), which JNI's preprocess must reproduce."""
+    side = next(iter(golden.arrays[k] for k in golden.arrays if k.startswith("pixels/"))).shape[-1]
+    other = ImageSpec(side, OTHER_MEAN, OTHER_STD)
+    for name, path in golden.images.items():
+        with Image.open(path) as im:
+            preprocess_image(im, other).astype("<f4").tofile(folder / f"{name}.other.pixels.f32")
+    rgb, alpha = alpha_ramp(40, 30)
+    rgba = np.ascontiguousarray(np.dstack([rgb, alpha]))
+    rgba.tofile(folder / "ramp.rgba")
+    spec = ImageSpec(side, contract.IMAGE_MEAN, contract.IMAGE_STD)
+    preprocess_image(Image.fromarray(rgba, "RGBA"), spec).astype("<f4").tofile(folder / "ramp.rgba.pixels.f32")
+    return ["other_image_mean " + " ".join(map(repr, OTHER_MEAN)), "other_image_std " + " ".join(map(repr, OTHER_STD)),
+            "rgba ramp 40 30"]
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,11 @@
 
 The C++ file is compiled on its own with the system g++ into a temp folder and loaded with ctypes, so
 this test needs neither CMake nor llama.cpp. What it pins down:
-- the uint8 resize equals Pillow's ``convert("RGB").resize(size, BICUBIC)`` bit for bit, over up and
-  down scaling, odd and extreme aspect ratios, RGB and RGBA, smooth, noisy and hard-edged images;
-- the float output equals ``runtime.preprocess.preprocess_image`` and the original's golden pixels;
+- the uint8 resize equals Pillow's ``resize(size, BICUBIC)`` of the runtime's RGB (RGBA composited onto white by
+  ``flatten_on_white``) bit for bit, over up and down scaling, odd and extreme aspect ratios, RGB and RGBA,
+  smooth, noisy and hard-edged images;
+- the float output equals ``runtime.preprocess.preprocess_image`` and the original's golden pixels, with the
+  mean/std given (another model's give other pixels, Python's for that model);
 - bad input returns the documented error codes and leaves the output untouched.
 """
 
@@ -21,7 +23,7 @@ import pytest
 from PIL import Image
 
 from qwenvl_edge import contract
-from qwenvl_edge.runtime.preprocess import preprocess_image
+from qwenvl_edge.runtime.preprocess import ImageSpec, flatten_on_white, preprocess_image
 
 NATIVE = Path(__file__).resolve().parents[1] / "native"
 SOURCE = NATIVE / "src" / "image_preprocess.cpp"
@@ -83,12 +85,12 @@ def native_resize(lib: ctypes.CDLL, pixels: np.ndarray, width: int, height: int)
     return buf[:n].reshape(height, width, 3)
 
 
-def native_preprocess(lib: ctypes.CDLL, pixels: np.ndarray, image_size: int) -> np.ndarray:
+def native_preprocess(lib: ctypes.CDLL, pixels: np.ndarray, image_size: int, mean=MEAN, std=STD) -> np.ndarray:
     """(H, W, C) uint8 -> (3, S, S) float32 via qwenvl_preprocess_image."""
     h, w, c = pixels.shape
     src = np.ascontiguousarray(pixels)
     out = np.empty((3, image_size, image_size), dtype=np.float32)
-    rc = lib.qwenvl_preprocess_image(_u8(src), w, h, c, image_size, MEAN, STD, out.ctypes.data_as(_f32p))
+    rc = lib.qwenvl_preprocess_image(_u8(src), w, h, c, image_size, mean, std, out.ctypes.data_as(_f32p))
     assert rc == OK, lib.qwenvl_preprocess_error_string(rc).decode()
     return out
 
@@ -96,7 +98,7 @@ def native_preprocess(lib: ctypes.CDLL, pixels: np.ndarray, image_size: int) -> 
 def pillow_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     """The reference: what the Python runtime does to the same bytes."""
     mode = {3: "RGB", 4: "RGBA"}[pixels.shape[2]]
-    image = Image.fromarray(pixels, mode).convert("RGB")
+    image = flatten_on_white(Image.fromarray(pixels, mode))
     return np.asarray(image.resize((width, height), Image.BICUBIC))
 
 
@@ -133,7 +135,7 @@ RESIZE_CASES = [
     (1000, 1, 448, 448, 4, "noise"),
     (3000, 17, 448, 448, 3, "noise"),
     (448, 448, 448, 448, 3, "noise"),  # identity: a copy, no filter
-    (448, 448, 448, 448, 4, "smooth"),  # identity, alpha dropped
+    (448, 448, 448, 448, 4, "smooth"),  # identity, alpha composited onto white
     (449, 447, 448, 448, 3, "noise"),
     (2000, 1500, 448, 448, 3, "noise"),
     (100, 100, 448, 448, 3, "smooth"),  # upscale
@@ -196,10 +198,34 @@ def test_preprocess_matches_golden_pixels(native, golden, name):
     want = golden.pixels(name)  # (3, 448, 448) float32
     got = native_preprocess(native, pixels, want.shape[-1])
     assert float(np.abs(got - want).max()) <= PIXEL_TOL
-    # An alpha channel changes nothing: RGBA -> RGB drops it, as Pillow's convert does.
+    # An opaque alpha channel changes nothing; a transparent one is composited onto white, as in Python.
+    opaque = np.concatenate([pixels[..., :3], np.full(pixels.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    assert float(np.abs(native_preprocess(native, opaque, want.shape[-1]) - want).max()) <= PIXEL_TOL
     alpha = np.random.default_rng(3).integers(0, 256, pixels.shape[:2] + (1,), dtype=np.uint8)
     rgba = np.concatenate([pixels[..., :3], alpha], axis=2)
-    assert float(np.abs(native_preprocess(native, rgba, want.shape[-1]) - want).max()) <= PIXEL_TOL
+    python = preprocess_image(Image.fromarray(rgba, "RGBA"), want.shape[-1])
+    assert float(np.abs(native_preprocess(native, rgba, want.shape[-1]) - python).max()) <= PIXEL_TOL
+
+
+@pytest.mark.parametrize("alpha", [0, 1, 77, 128, 254])
+def test_rgba_is_composited_onto_white_exactly(native, alpha: int):
+    """Before: alpha was ignored, so a transparent picture reached the model in its hidden colours (often black)."""
+    pixels = make_image("noise", 37, 23, 4, seed=alpha)
+    pixels[..., 3] = alpha
+    got = native_resize(native, pixels, 37, 23)  # same size: the flattening alone
+    want = np.rint((pixels[..., :3] * (alpha / 255.0)) + 255 * (1 - alpha / 255.0)).astype(np.uint8)
+    assert np.array_equal(got, want)
+
+
+def test_other_mean_and_std_give_python_pixels_for_that_model(native, golden):
+    """The normalisation is the caller's (the bundle's), never a built-in CLIP one."""
+    with Image.open(golden.images["sign"]) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    mean, std = (0.5, 0.25, 0.125), (0.5, 0.5, 0.25)
+    got = native_preprocess(native, pixels, 448, (ctypes.c_float * 3)(*mean), (ctypes.c_float * 3)(*std))
+    want = preprocess_image(Image.fromarray(pixels), ImageSpec(448, mean, std))
+    assert float(np.abs(got - want).max()) <= PIXEL_TOL
+    assert float(np.abs(got - golden.pixels("sign")).max()) > 1e-3
 
 
 def test_widest_valid_image_is_accepted(native):

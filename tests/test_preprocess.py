@@ -12,7 +12,7 @@ from PIL import Image
 
 from qwenvl_edge import contract
 from qwenvl_edge.errors import ImageError
-from qwenvl_edge.runtime.preprocess import load_image, preprocess_batch, preprocess_image
+from qwenvl_edge.runtime.preprocess import ImageSpec, load_image, preprocess_batch, preprocess_image
 
 EXIF_ORIENTATION = 0x0112
 
@@ -53,8 +53,9 @@ def test_batch_stacks_images_in_order(golden) -> None:
 
 def test_other_image_size_and_modes() -> None:
     gray = Image.new("L", (30, 20), 255)
-    pixels = preprocess_image(load_image(gray), image_size=224)
+    pixels = preprocess_image(load_image(gray), ImageSpec(224, contract.IMAGE_MEAN, contract.IMAGE_STD))
     assert pixels.shape == (3, 224, 224)
+    assert np.array_equal(pixels, preprocess_image(load_image(gray), 224))  # a bare side: the exporter's spec
     white = (1.0 - np.array(contract.IMAGE_MEAN)) / np.array(contract.IMAGE_STD)
     np.testing.assert_allclose(pixels[:, 100, 100], white, rtol=1e-6)
 

@@ -150,7 +150,9 @@ def test_gray_and_rgba_arrays() -> None:
     np.testing.assert_array_equal(np.asarray(load_image(gray))[..., 0], gray)
     rgba = np.zeros((3, 4, 4), np.uint8)
     rgba[..., 0] = 255
+    rgba[0, 0, 3] = 255  # opaque: unchanged; transparent: white, as a browser shows it
     assert np.asarray(load_image(rgba))[0, 0].tolist() == [255, 0, 0]
+    assert np.asarray(load_image(rgba))[1, 1].tolist() == [255, 255, 255]
 
 
 @pytest.mark.parametrize("source,match", [

@@ -2,10 +2,10 @@
  * qwenvl_preprocess.h - Qwen-VL image preprocessing, bit-identical to the Python runtime.
  *
  * The Python runtime (runtime/preprocess.py) does, with Pillow and numpy:
- *   image.convert("RGB")                        RGBA: alpha is dropped, not composited
+ *   flatten_on_white(image)                     RGBA: composited onto white (c*a + 255*(255-a) + 127) / 255
  *   image.resize((S, S), Image.BICUBIC)         squash, no crop; Pillow's antialiased bicubic
  *   x = np.asarray(image, float32) / 255
- *   (x - mean) / std                            float32 CLIP mean/std, laid out [3, S, S]
+ *   (x - mean) / std                            float32, the bundle's mean/std, laid out [3, S, S]
  * This file does the same arithmetic in C so that a phone gets the vision encoder the very same
  * input as the desktop: the resized uint8 pixels equal Pillow's bit for bit, and the float
  * output equals the float32 formula above bit for bit.
@@ -41,7 +41,8 @@ extern "C" {
 
 /*
  * Preprocess one image for the vision encoder.
- *   pixels:     row-major HWC, 8 bits per channel, `channels` 3 (RGB) or 4 (RGBA, alpha ignored),
+ *   pixels:     row-major HWC, 8 bits per channel, `channels` 3 (RGB) or 4 (RGBA, not premultiplied:
+ *               composited onto white, as a browser shows a transparent image),
  *               rows packed (stride width * channels bytes).
  *   image_size: the model's input side S (qwenvl_info.image_size, from the GGUF's qwenvl.image_size).
  *   mean, std:  three floats each, the model's normalisation (qwenvl_info.image_mean / image_std).
@@ -53,7 +54,8 @@ QWENVL_PREPROCESS_API int qwenvl_preprocess_image(const unsigned char* pixels, i
                                                   const float* std, float* out);
 
 /*
- * The uint8 stage alone: Pillow's image.convert("RGB").resize((out_width, out_height), BICUBIC).
+ * The uint8 stage alone: Pillow's flatten_on_white(image).resize((out_width, out_height), BICUBIC), with
+ * flatten_on_white the runtime's (runtime/preprocess.py).
  *   out: uint8 RGB [out_height, out_width, 3], row-major HWC.
  * Same return codes as qwenvl_preprocess_image.
  */

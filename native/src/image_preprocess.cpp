@@ -159,16 +159,22 @@ void resample_vertical(const PixelView& src, int row_offset, const ResampleTaps&
     }
 }
 
-// Drop alpha (Pillow's RGBA -> RGB) or copy RGB as is.
-void copy_rgb(const PixelView& src, uint8_t* out) {
+// RGBA composited onto white, (c * a + 255 * (255 - a) + 127) / 255 in integers: the Python runtime's
+// flatten_on_white (runtime/preprocess.py), so a transparent image is what a browser shows, not black.
+void flatten_on_white(const PixelView& src, uint8_t* out) {
     const size_t n = static_cast<size_t>(src.width) * src.height;
-    if (src.channels == kOutChannels) {
-        std::memcpy(out, src.data, n * kOutChannels);
-        return;
-    }
     for (size_t i = 0; i < n; ++i) {
-        std::memcpy(out + i * kOutChannels, src.data + i * src.channels, kOutChannels);
+        const uint8_t* p = src.data + i * src.channels;
+        const unsigned a = p[3];
+        for (int c = 0; c < kOutChannels; ++c) {
+            out[i * kOutChannels + c] = static_cast<uint8_t>((p[c] * a + 255u * (255u - a) + 127u) / 255u);
+        }
     }
+}
+
+// Copy RGB as is.
+void copy_rgb(const PixelView& src, uint8_t* out) {
+    std::memcpy(out, src.data, static_cast<size_t>(src.width) * src.height * kOutChannels);
 }
 
 // Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice as many
@@ -179,8 +185,15 @@ bool vertical_pass_first(int in_width, int in_height, int out_width, int out_hei
     return rows_removed > 0 && rows_removed > (in_width - out_width) * 2;
 }
 
-// convert("RGB").resize((out_width, out_height), BICUBIC); inputs already validated.
-void resize_bicubic_rgb(const PixelView& src, int out_width, int out_height, uint8_t* out) {
+// flatten_on_white(image).resize((out_width, out_height), BICUBIC); inputs already validated.
+void resize_bicubic_rgb(const PixelView& given, int out_width, int out_height, uint8_t* out) {
+    std::vector<uint8_t> flat;
+    PixelView src = given;
+    if (given.channels == 4) {  // transparency first, as Python does before the resize
+        flat.resize(static_cast<size_t>(given.width) * given.height * kOutChannels);
+        flatten_on_white(given, flat.data());
+        src = PixelView{flat.data(), given.width, given.height, kOutChannels};
+    }
     const bool need_horizontal = out_width != src.width;
     const bool need_vertical = out_height != src.height;
     if (!need_horizontal && !need_vertical) {

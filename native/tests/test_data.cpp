@@ -58,7 +58,8 @@ bool TestData::load(std::string& error) {
             RgbImage im;
             in >> im.name >> im.width >> im.height;
             rgb_images.push_back(im);
-        } else if (key == "image_mean" || key == "image_std") {
+        } else if (key == "image_mean" || key == "image_std" || key == "other_image_mean" || key == "other_image_std" ||
+                   key == "rgba") {
             // for the Java smoke test; the C++ tests take them from the GGUF (qwenvl_get_info)
         } else if (key == "fixture_turn") {
             FixtureTurn turn;

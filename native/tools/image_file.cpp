@@ -100,6 +100,23 @@ RgbImage apply_orientation(RgbImage in, int orientation) {
     return out;
 }
 
+// --- transparency ----------------------------------------------------------------------------------
+
+// RGBA -> RGB composited onto white, in place: (c * a + 255 * (255 - a) + 127) / 255, the runtime's
+// flatten_on_white (runtime/preprocess.py) and qwenvl_preprocess_image's, so a transparent PNG gives the
+// model what a browser shows (the original dropped alpha: transparent pixels came out black).
+void flatten_on_white(std::vector<uint8_t>* pixels, size_t n) {
+    uint8_t* p = pixels->data();
+    for (size_t i = 0; i < n; ++i) {
+        const unsigned r = p[4 * i], g = p[4 * i + 1], b = p[4 * i + 2], a = p[4 * i + 3];  // read before the write
+        const unsigned white = 255u * (255u - a) + 127u;
+        p[3 * i] = static_cast<uint8_t>((r * a + white) / 255u);
+        p[3 * i + 1] = static_cast<uint8_t>((g * a + white) / 255u);
+        p[3 * i + 2] = static_cast<uint8_t>((b * a + white) / 255u);
+    }
+    pixels->resize(n * 3);
+}
+
 // --- PPM / PGM (binary, maxval 255) ----------------------------------------------------------------
 
 RgbImage read_pnm(FILE* f) {
@@ -173,24 +190,31 @@ int decode_png(FILE* f, RgbImage* im, PngError* err) {
     const int type = png_get_color_type(png, info);
     const int depth = png_get_bit_depth(png, info);
     if (depth == 16) {
-        // Pillow: 16-bit gray is scaled (runtime/preprocess.py: rint(v / 257)); 16-bit colour keeps the high byte
-        if (type == PNG_COLOR_TYPE_GRAY || type == PNG_COLOR_TYPE_GRAY_ALPHA) png_set_scale_16(png);
+        // Pillow: 16-bit gray is scaled (runtime/preprocess.py: rint(v / 257)); 16-bit colour and gray + alpha
+        // (opened as RGBA) keep the high byte
+        if (type == PNG_COLOR_TYPE_GRAY) png_set_scale_16(png);
         else png_set_strip_16(png);
     }
+    // a transparent colour (tRNS) becomes alpha, as Pillow's convert("RGBA") makes it; not at 16 bits, where
+    // the runtime drops the key (gray is scaled to 8 bits first; Pillow compares 16-bit RGB keys to 8-bit pixels)
+    const bool colour_key = png_get_valid(png, info, PNG_INFO_tRNS) != 0 && depth <= 8;
+    const bool alpha = (type & PNG_COLOR_MASK_ALPHA) != 0 || colour_key;
     if (type == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);
     if (type == PNG_COLOR_TYPE_GRAY && depth < 8) png_set_expand_gray_1_2_4_to_8(png);
+    if (colour_key) png_set_tRNS_to_alpha(png);
     if (type == PNG_COLOR_TYPE_GRAY || type == PNG_COLOR_TYPE_GRAY_ALPHA) png_set_gray_to_rgb(png);
-    if (type & PNG_COLOR_MASK_ALPHA) png_set_strip_alpha(png);  // convert("RGB") drops alpha
     png_set_interlace_handling(png);
     png_read_update_info(png, info);
-    if (png_get_rowbytes(png, info) != size_t(w) * 3) png_error(png, "unexpected PNG row layout");
+    const size_t channels = alpha ? 4 : 3;
+    if (png_get_rowbytes(png, info) != size_t(w) * channels) png_error(png, "unexpected PNG row layout");
     im->width = static_cast<int>(w);
     im->height = static_cast<int>(h);
-    im->rgb.resize(size_t(w) * size_t(h) * 3);
+    im->rgb.resize(size_t(w) * size_t(h) * channels);
     rows = new png_bytep[h];
-    for (png_uint_32 y = 0; y < h; ++y) rows[y] = im->rgb.data() + size_t(y) * size_t(w) * 3;
+    for (png_uint_32 y = 0; y < h; ++y) rows[y] = im->rgb.data() + size_t(y) * size_t(w) * channels;
     png_read_image(png, rows);
     png_read_end(png, info);
+    if (alpha) flatten_on_white(&im->rgb, size_t(w) * size_t(h));
     int orientation = 1;
     png_uint_32 exif_len = 0;
     png_bytep exif = nullptr;

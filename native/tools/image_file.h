@@ -1,5 +1,6 @@
 // image_file.h - an image file -> upright 8-bit RGB pixels, as the Python runtime reads one
-// (runtime/preprocess.py read_image): EXIF orientation applied, alpha dropped (not composited),
+// (runtime/preprocess.py read_image): EXIF orientation applied, transparency (alpha, a tRNS colour key)
+// composited onto white as a browser shows it,
 // 16-bit gray scaled to 8 bits, large JPEGs decoded at a reduced DCT scale (1/2 .. 1/8, keeping at
 // least the model's input side), the same pixel limits.
 //

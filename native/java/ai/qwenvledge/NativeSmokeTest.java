@@ -66,6 +66,13 @@ public final class NativeSmokeTest {
         return out;
     }
 
+    private static double maxAbsDiff(float[] a, float[] b) {
+        if (a.length != b.length) return Double.POSITIVE_INFINITY;
+        double max = 0;
+        for (int i = 0; i < a.length; i++) max = Math.max(max, Math.abs(a[i] - b[i]));
+        return max;
+    }
+
     private static float[] readFloats(Path file) throws IOException {
         ByteBuffer buf = ByteBuffer.wrap(Files.readAllBytes(file)).order(ByteOrder.LITTLE_ENDIAN);
         float[] out = new float[buf.remaining() / 4];
@@ -85,8 +92,11 @@ public final class NativeSmokeTest {
         int imageSize = 0;
         float[] mean = null;
         float[] std = null;
+        float[] otherMean = null;
+        float[] otherStd = null;
         int maxNewTokens = 24;
         Map<String, int[]> rgbSizes = new HashMap<>();
+        Map<String, int[]> rgbaSizes = new HashMap<>();
         Map<String, Case> cases = new HashMap<>();
         Case current = null;
         for (String line : Files.readAllLines(dir.resolve("cases.txt"), StandardCharsets.UTF_8)) {
@@ -98,6 +108,13 @@ public final class NativeSmokeTest {
                 case "image_size": imageSize = Integer.parseInt(value); break;
                 case "image_mean": mean = parseFloats(value); break;
                 case "image_std": std = parseFloats(value); break;
+                case "other_image_mean": otherMean = parseFloats(value); break;
+                case "other_image_std": otherStd = parseFloats(value); break;
+                case "rgba": {
+                    String[] p = value.split(" ");
+                    rgbaSizes.put(p[0], new int[] {Integer.parseInt(p[1]), Integer.parseInt(p[2])});
+                    break;
+                }
                 case "max_new_tokens": maxNewTokens = Integer.parseInt(value); break;
                 case "rgb": {
                     String[] p = value.split(" ");
@@ -190,6 +207,22 @@ public final class NativeSmokeTest {
                 maxErr = Math.max(maxErr, Math.abs(pixels[i] - golden[i]));
             }
             check(maxErr <= 1e-6, "preprocess " + e.getKey() + " max abs error " + maxErr);
+            // another model's mean/std (the bundle's, as the app reads them from the manifest): other pixels,
+            // the Python runtime's for that bundle
+            float[] other = QwenVLNative.preprocess(rgb, e.getValue()[0], e.getValue()[1], 3, imageSize, otherMean,
+                    otherStd);
+            check(maxAbsDiff(other, readFloats(dir.resolve(e.getKey() + ".other.pixels.f32"))) <= 1e-6,
+                    "preprocess " + e.getKey() + " with the other mean/std equals Python's");
+            check(maxAbsDiff(other, golden) > 1e-3, "preprocess " + e.getKey() + ": other mean/std, other pixels");
+        }
+        check(otherMean != null && !rgbaSizes.isEmpty(), "cases.txt has the other mean/std and an RGBA picture");
+
+        // RGBA: transparency composited onto white, exactly as the Python runtime does
+        for (Map.Entry<String, int[]> e : rgbaSizes.entrySet()) {
+            byte[] rgba = Files.readAllBytes(dir.resolve(e.getKey() + ".rgba"));
+            float[] pixels = QwenVLNative.preprocess(rgba, e.getValue()[0], e.getValue()[1], 4, imageSize, mean, std);
+            double err = maxAbsDiff(pixels, readFloats(dir.resolve(e.getKey() + ".rgba.pixels.f32")));
+            check(err <= 1e-6, "preprocess RGBA " + e.getKey() + " (on white) max abs error " + err);
         }
 
         // a closed handle is refused, closing twice is harmless

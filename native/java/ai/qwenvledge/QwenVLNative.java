@@ -44,10 +44,11 @@ public final class QwenVLNative {
     public static native void close(long handle);
 
     /**
-     * Image pixels to the vision encoder's input, exactly as the Python runtime does (Pillow bicubic resize, CLIP
-     * normalisation).
+     * Image pixels to the vision encoder's input, exactly as the Python runtime does (transparency onto white, Pillow
+     * bicubic resize, the bundle's mean/std).
      *
-     * @param pixels row-major HWC bytes, {@code channels} 3 (RGB) or 4 (RGBA; alpha ignored)
+     * @param pixels row-major HWC bytes, {@code channels} 3 (RGB) or 4 (RGBA, not premultiplied: composited onto
+     *     white, as the Python runtime and a browser show a transparent image)
      * @param imageSize the model's input side (manifest model.image_size)
      * @param mean the model's per-channel mean (manifest model.image_mean, 3 floats)
      * @param std the model's per-channel std (manifest model.image_std, 3 floats)

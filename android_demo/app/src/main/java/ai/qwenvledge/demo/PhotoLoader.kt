@@ -16,7 +16,8 @@ class RgbaPixels(val bytes: ByteArray, val width: Int, val height: Int)
  * Photos from the picker or the camera, decoded the way the Python runtime sees them
  * (runtime/preprocess.py: Pillow, EXIF orientation applied, RGB):
  * - ImageDecoder applies the EXIF orientation itself;
- * - pixels stay unpremultiplied (Pillow's RGBA -> RGB drops alpha without touching the colours);
+ * - pixels stay unpremultiplied (straight alpha): the native preprocess flattens transparency onto white
+ *   with the same integer arithmetic as runtime/preprocess.py, so it needs the colours untouched;
  * - no colour-space conversion: Pillow ignores embedded ICC profiles, so do we.
  */
 object PhotoLoader {
