@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwenvl_edge.bundle_export import ExportOptions, export_bundle
-from qwenvl_edge.evaluate import evaluate, synthetic_items
+from qwenvl_edge.bundler.bundle_export import ExportOptions, export_bundle
+from qwenvl_edge.evaluation.evaluate import evaluate, synthetic_items
 from qwenvl_edge.export.tiny_trained import write_tiny_trained
 
 HERE = Path(__file__).resolve().parent

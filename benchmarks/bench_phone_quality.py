@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwenvl_edge.bundle_export import ExportOptions, export_bundle
-from qwenvl_edge.evaluate import MAX_TOKENS, Item, evaluate, synthetic_items
+from qwenvl_edge.bundler.bundle_export import ExportOptions, export_bundle
+from qwenvl_edge.evaluation.evaluate import MAX_TOKENS, Item, evaluate, synthetic_items
 from qwenvl_edge.export.tiny_trained import DATA, write_tiny_trained
 
 HERE = Path(__file__).resolve().parent

@@ -1,7 +1,7 @@
 """The tiny trained Qwen-VL (issue 15): shipped weights -> a full Qwen-VL-Chat checkpoint folder.
 
 ``training/train.py`` trains a Qwen-VL-architecture model on the synthetic colour / sign /
-grounding tasks (``qwenvl_edge.task_images``). Only the rows of the 151,936-token vocabulary
+grounding tasks (``qwenvl_edge.evaluation.task_images``). Only the rows of the 151,936-token vocabulary
 that the tasks use are trained; every other row of ``transformer.wte`` and ``lm_head`` stays
 at a seeded value (``frozen_rows``) so the shipped file holds just the trained tensors
 (``data/tiny_trained.npz``, bf16 bit patterns, a few MB). ``write_tiny_trained`` regenerates

@@ -19,6 +19,7 @@ Rules (the README's "What is validated" section repeats them):
   2 cores spin for minutes);
 - ``temperature``: finite, >= 0 (0 = greedy); ``top_p``: finite, in (0, 1]; ``top_k``: int >= 0;
   ``max_tokens``: int >= 1; ``seed``: int in [0, 2**32) (llama.cpp's seed is 32-bit unsigned) or None;
+- ``port``: int in [1, 65535], or 0 for a free port; ``positive``: finite > 0; ``int_at_least``: a floor;
 - ``question``: a ``str`` that encodes as UTF-8 (invalid UTF-8 on the command line arrives as lone
   surrogates and is refused) and is not blank;
 - ``image_list``: a list or tuple (a bare string or path is refused: it is one image, not a list).
@@ -41,11 +42,13 @@ from typing import Any
 
 from qwenvl_edge.errors import ImageError, OptionError, PromptError, QwenVLError
 
+DEFAULT_N_CTX = 2048  # the engine's context length: QwenVL, Session, Decoder and every --n-ctx read this
 N_CTX_STEP = 256
 N_CTX_MAX = 131072
 N_CTX_SEQ_FACTOR = 4
 THREADS_PER_CORE = 4
 SEED_LIMIT = 2**32
+PORT_MAX = 65535
 
 
 def _int(name: str, value: Any) -> int:
@@ -167,6 +170,26 @@ def max_tokens(value: Any) -> int | None:
 def seed(value: Any) -> int | None:
     """Sampling seed: int in [0, 2**32) or None."""
     return _int_where("seed", value, lambda s: 0 <= s < SEED_LIMIT, f"in [0, {SEED_LIMIT})")
+
+
+def port(value: Any) -> int | None:
+    """TCP port: 1 .. 65535, or 0 for a free one (the OS would wrap 70000 to 4464 without a word)."""
+    return _int_where("port", value, lambda n: 0 <= n <= PORT_MAX, f"in 1 .. {PORT_MAX}, or 0 for a free port")
+
+
+def int_at_least(name: str, value: Any, low: int) -> int | None:
+    """A count with a floor (``--n`` >= 1, ``--max-queue`` >= 0, ...)."""
+    return _int_where(name, value, lambda n: n >= low, f"at least {low}")
+
+
+def positive(name: str, value: Any) -> float | None:
+    """A size or time limit: a finite number > 0."""
+    if value is None:
+        return None
+    x = _real(name, value)
+    if x <= 0:
+        raise OptionError(f"{name} must be a positive number, got {value!r}")
+    return x
 
 
 def question(text: Any, name: str = "prompt") -> str:

@@ -36,32 +36,15 @@ class ServeConfig:
     media_dir: Path | None = None
     allow_remote_images: bool = False
     limits: Limits = Limits()
+    cors_origins: tuple[str, ...] = ()  # browser pages from these origins may call the API (none by default)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """The ``serve`` options (the CLI registers them; the server reads them in ``config_from_args``)."""
-    d = Limits()
-    p.add_argument("--bundle", type=Path, default=None,
-                   help="bundle folder (default: $QWENVL_EDGE_BUNDLE, else ~/.cache/qwenvl-edge/bundle)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
-    p.add_argument("--media-dir", type=Path, default=None,
-                   help="a folder whose files requests may name as images (default: none may)")
-    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
-    p.add_argument("--remote-max-mb", type=float, default=d.remote_max_bytes / 2**20,
-                   help="size cap of a fetched image, MB")
-    p.add_argument("--remote-timeout", type=float, default=d.remote_timeout_s, help="seconds to fetch one image")
-    p.add_argument("--model-name", default=MODEL_ID, help="the model id clients see (/v1/models)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--n-ctx", type=int, default=2048, help="context positions (a multiple of 256)")
-    p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
-    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="pixels per image")
-    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="request body size, MB")
-    p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help="requests waiting behind the running one; past it clients get 503")
-    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
-                   help="seconds one generation may run")
+    """The ``serve`` options, from the CLI's option table (their defaults come from ``Limits`` and ``MODEL_ID``
+    here; the server reads them in ``config_from_args``)."""
+    from qwenvl_edge import options  # imports this module for the defaults: not at the top
+
+    options.add(p, *options.SERVE)
 
 
 def config_from_args(a: argparse.Namespace) -> ServeConfig:
@@ -71,4 +54,5 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
                     request_timeout_s=a.request_timeout)
     media = a.media_dir.expanduser().resolve() if a.media_dir else None
     return ServeConfig(model_id=a.model_name, api_key=a.api_key, media_dir=media,
-                       allow_remote_images=a.allow_remote_images, limits=limits)
+                       allow_remote_images=a.allow_remote_images, limits=limits,
+                       cors_origins=tuple(getattr(a, "cors_origin", None) or ()))

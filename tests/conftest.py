@@ -85,7 +85,7 @@ def odd_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def export_for_tests(ckpt: Path, out: Path, vision: str, llm: str) -> Path:
-    from qwenvl_edge.bundle_export import ExportOptions, export_bundle
+    from qwenvl_edge.bundler.bundle_export import ExportOptions, export_bundle
 
     return export_bundle(ckpt, out, ExportOptions(vision=vision, llm=llm, n_threads=2), progress=lambda _m: None)
 

@@ -61,3 +61,12 @@ def test_zsh_script_loads_as_a_completion_function(tmp_path: Path, capsys) -> No
                "print -r -- $_comps[qwenvl-edge]")
     done = subprocess.run([zsh, "-f", "-c", program], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and done.stdout.strip() == "_qwenvl-edge", done.stderr
+
+
+def test_bash_completes_registry_names_and_both_verbosity_places(bash_script: Path) -> None:
+    """--llm and --vision-scheme complete the registries' own names (quant/registry.py), not a hand-made copy."""
+    assert bash_complete(bash_script, "qwenvl-edge export ck out --llm Q4_K") == ["Q4_K_M", "Q4_K_S"]
+    assert bash_complete(bash_script, "qwenvl-edge demo --llm IQ4") == ["IQ4_NL", "IQ4_XS"]
+    assert bash_complete(bash_script, "qwenvl-edge export ck out --vision-scheme dynamic-") == [
+        "dynamic-u8", "dynamic-s7", "dynamic-per-tensor"]
+    assert {"-q", "--quiet"} <= set(bash_complete(bash_script, "qwenvl-edge -"))

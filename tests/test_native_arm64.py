@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 from qwenvl_edge import contract
-from qwenvl_edge.evaluate import TeacherForced, synthetic_items
+from qwenvl_edge.evaluation.evaluate import TeacherForced, synthetic_items
 from qwenvl_edge.runtime.bundle import Bundle
 from tests.conftest import export_for_tests
 from tests.gguf_builds import greedy, load_llama

@@ -77,7 +77,8 @@ def shell(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = root / "work"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "QWENVL_EDGE_"))}
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_STATE_HOME=str(home / ".local/state"),
+    # XDG_CACHE_HOME elsewhere than ~/.cache, as many users set it: a block that hard-codes ~/.cache fails here
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(root / "xdg-cache"), XDG_STATE_HOME=str(home / ".local/state"),
                XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local/share"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                QWENVL_EDGE_THREADS="1")  # two threads spin against each other on a busy 2-core machine

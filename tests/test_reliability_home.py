@@ -17,4 +17,4 @@ def test_home_and_cache_are_temporary_folders() -> None:
         folder = Path(os.environ[var]).resolve()
         assert folder.is_relative_to(tmp) and not folder.is_relative_to(real_home) or real_home == tmp, var
     assert Path.home().resolve().is_relative_to(tmp)
-    assert default_bundle_dir().resolve().is_relative_to(Path.home().resolve())
+    assert default_bundle_dir().resolve().is_relative_to(Path(os.environ["XDG_CACHE_HOME"]).resolve())

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwenvl_edge import task_images as T
 from qwenvl_edge.cli import main
-from qwenvl_edge.evaluate import evaluate, synthetic_items
+from qwenvl_edge.evaluation import task_images as T
+from qwenvl_edge.evaluation.evaluate import evaluate, synthetic_items
 from qwenvl_edge.export.checkpoint import CheckpointReader
 from qwenvl_edge.export.tiny_trained import DATA, frozen_rows, load_shipped
 

@@ -220,7 +220,7 @@ def main() -> None:
     import numpy as np
     import train
 
-    from qwenvl_edge import task_images as T
+    from qwenvl_edge.evaluation import task_images as T
     from qwenvl_edge.runtime.preprocess import preprocess_image
 
     ap = argparse.ArgumentParser(description=main.__doc__)

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
 
-from qwenvl_edge import task_images as T  # noqa: E402
+from qwenvl_edge.evaluation import task_images as T  # noqa: E402
 from qwenvl_edge.runtime.preprocess import preprocess_image  # noqa: E402
 
 PROBE_SEED, N_IMAGES, BATCH = 7, 48, 8

@@ -34,7 +34,7 @@ import train  # noqa: E402
 from grid_tower import N_CODE, OFFSETS, shift_tower, start  # noqa: E402
 from model import tower  # noqa: E402
 
-from qwenvl_edge import task_images as T  # noqa: E402
+from qwenvl_edge.evaluation import task_images as T  # noqa: E402
 from qwenvl_edge.runtime.preprocess import preprocess_image  # noqa: E402
 
 HELD_SEED, STREAM_SEED, N_HELD, HELD_CHUNK = 12, 99, 160, 40

@@ -37,7 +37,7 @@ from grid_tower import N_CODE, OFFSETS, load_tower, real_params, real_tower  # n
 from model import decoder_hidden, tower, vision  # noqa: E402
 
 from qwenvl_edge import contract as C  # noqa: E402
-from qwenvl_edge import task_images as T  # noqa: E402
+from qwenvl_edge.evaluation import task_images as T  # noqa: E402
 from qwenvl_edge.export.config import QwenConfig  # noqa: E402
 from qwenvl_edge.export.synthetic_checkpoint import find_tiktoken, make_config, make_tensor, sincos_2d  # noqa: E402
 from qwenvl_edge.export.tensor_record import bf16_bits_to_f32, f32_to_bf16_bits  # noqa: E402

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 from qwenvl_edge.cli.common import check_model_options, open_model, print_timings, sampling, say
-from qwenvl_edge.cli.inputs import read_batch, split_items
+from qwenvl_edge.cli.inputs import BadLine, Job, read_batch, split_items
 from qwenvl_edge.contract import MANIFEST_FILE
 from qwenvl_edge.errors import OptionError, QwenVLError
 
@@ -73,35 +74,49 @@ def check_export_options(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from qwenvl_edge.bundle_export import ExportOptions, export_bundle
+    from qwenvl_edge.bundler.bundle_export import ExportOptions, export_bundle
+    from qwenvl_edge.bundler.export_target import Terminated
 
     check_export_options(a)
-    opts = ExportOptions(vision=a.vision, vision_scheme=a.vision_scheme,
+    opts = ExportOptions(vision=a.vision, vision_scheme=a.vision_scheme, int8_floor=a.int8_floor,
                          calibration_images=tuple(a.calibration_image or ()), llm=a.llm,
                          keep_fp32_vision=a.keep_fp32_vision, n_threads=a.threads, force=a.force,
                          fresh=a.fresh)
-    out = export_bundle(a.checkpoint, a.out, opts, progress=(lambda _m: None) if a.quiet else ProgressPrinter())
+    try:
+        out = export_bundle(a.checkpoint, a.out, opts, progress=(lambda _m: None) if a.quiet else ProgressPrinter())
+    except Terminated:  # SIGTERM: unwound like Ctrl-C, but exits as a SIGTERM'd process does (128 + 15)
+        print("qwenvl-edge: interrupted (SIGTERM)", file=sys.stderr)
+        return 143  # 128 + SIGTERM(15)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     for name, entry in manifest["files"].items():
         print(f"{entry['bytes'] / 2**20:10.1f} MiB  {out / name}")
     report = manifest["vision"].get("quality")
     if report and not a.quiet:
-        from qwenvl_edge.quant.vision_quality import format_quality
+        from qwenvl_edge.quant.vision_quality import format_floor, format_quality
 
         print(f"vision INT8 ({report.get('scheme')}) vs FP32 rows:")
         print(format_quality(report["quality"]))
+        if "floor" in report:
+            print(format_floor(report["floor"]))
     llm_quality = manifest["llm"].get("quality")
     if llm_quality and not a.quiet:
         from qwenvl_edge.quant.gguf_quality import format_gguf_quality
 
-        print(f"llm {manifest['llm']['type']} vs BF16 next-token distributions: {format_gguf_quality(llm_quality)}")
+        print(f"llm {manifest['llm']['type']}: {format_gguf_quality(llm_quality, 'BF16')}")
     return 0
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    if a.batch is not None and a.json_schema is not None:
+        raise OptionError("--json-schema cannot be used with --batch")
     if a.batch is not None:
         return _run_batch(a)
     job = split_items(a.items)
+    structured = {}
+    if a.json_schema is not None:  # checked, and made a grammar once, before the model loads
+        from qwenvl_edge.runtime.structured import schema_file_format
+
+        structured = {"response_format": schema_file_format(a.json_schema)}
     if a.draw is not None and not job.images:
         raise OptionError("--draw needs an image to draw on")
     if a.draw is not None and not a.draw.parent.is_dir():
@@ -109,9 +124,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     check_model_options(a)
     with open_model(a) as model:
         if a.json:
-            result = model.generate(job.images, job.question, **sampling(a))
+            result = model.generate(job.images, job.question, **sampling(a), **structured)
         else:
-            for piece in model.generate(job.images, job.question, stream=True, **sampling(a)):
+            for piece in model.generate(job.images, job.question, stream=True, **sampling(a), **structured):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
@@ -127,25 +142,43 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def _run_batch(a: argparse.Namespace) -> int:
-    """Every line of ``--batch`` with one model load; one JSON line out per line in (an error object if it fails)."""
+    """Every line of ``--batch`` with one model load; one JSON line out per line in, in order.
+
+    Every line is checked before the model loads; a bad line, or one that fails while it is answered,
+    gets ``{"error": ...}`` in its place and the others are answered all the same (exit code 2 then).
+    """
     if a.items:
         raise OptionError("--batch reads the images and questions from its file: give no other arguments")
     if a.draw is not None:
         raise OptionError("--draw cannot be used with --batch")
-    jobs = read_batch(a.batch)
+    entries = read_batch(a.batch)
     check_model_options(a)
     failed = 0
-    with open_model(a) as model:
-        for job in jobs:
-            try:
-                out = model.generate(job.images, job.question, **sampling(a)).to_dict()
-            except QwenVLError as e:  # one bad image must not cost the other answers
-                out, failed = {"error": str(e)}, failed + 1
-            print(json.dumps(out, ensure_ascii=False), flush=True)
+    any_job = any(isinstance(entry, Job) for entry in entries)
+    with open_model(a) if any_job else contextlib.nullcontext() as model:  # no load when every line is bad
+        for entry in entries:
+            if isinstance(entry, BadLine):
+                out, failed = {"error": entry.error}, failed + 1
+            else:
+                try:
+                    out = model.generate(entry.images, entry.question, **sampling(a)).to_dict()
+                except QwenVLError as e:  # one bad image must not cost the other answers
+                    out, failed = {"error": str(e)}, failed + 1
+            print(json_line(out), flush=True)
     if failed:
-        raise QwenVLError(f"{failed} of {len(jobs)} questions failed (their output lines hold an \"error\")")
-    say(a, f"[answered {len(jobs)} questions]")
+        raise QwenVLError(f"{failed} of {len(entries)} questions failed (their output lines hold an \"error\")")
+    say(a, f"[answered {len(entries)} questions]")
     return 0
+
+
+def json_line(obj: dict) -> str:
+    """One JSON line; a file name of undecodable bytes (lone surrogates) is escaped, not a crash at print."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj)
+    return text
 
 
 def _draw(a: argparse.Namespace, images: list[str], result, out: Path) -> None:
@@ -165,7 +198,7 @@ def _demo_bundle(home: Path, llm: str, rebuild: bool) -> Path:
     """The tiny trained model's bundle under ``home``, rebuilt when missing or when the shipped weights changed."""
     import hashlib
 
-    from qwenvl_edge.bundle_export import ExportOptions, export_bundle
+    from qwenvl_edge.bundler.bundle_export import ExportOptions, export_bundle
     from qwenvl_edge.export.tiny_trained import DATA, write_tiny_trained
 
     ckpt, bundle, stamp = home / "tiny-checkpoint", home / "tiny-bundle", home / "weights.sha256"
@@ -183,7 +216,7 @@ def _demo_bundle(home: Path, llm: str, rebuild: bool) -> Path:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """Ask the tiny trained model its three tasks (sign, colour, grounding) about freshly drawn images."""
-    from qwenvl_edge import task_images
+    from qwenvl_edge.evaluation import task_images
     from qwenvl_edge.runtime.boxes import draw_boxes
 
     home = Path(a.dir)
@@ -212,10 +245,19 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from qwenvl_edge.evaluate import evaluate, folder_items, format_report, synthetic_items
+    """Every input is checked before any model work: options, both manifests (a --reference of another
+    model is refused here, not after the answer pass), then questions.json or the synthetic images."""
+    from qwenvl_edge.evaluation.evaluate import (
+        check_counts,
+        evaluate,
+        folder_items,
+        format_report,
+        open_bundles,
+        synthetic_items,
+    )
 
-    if a.n < 1:
-        raise OptionError(f"--n must be at least 1, got {a.n}")
+    check_counts(a.n, a.seed)  # the option table checked them too; this keeps the order: cheap checks first
+    open_bundles(a.bundle, a.reference)
     items = folder_items(a.images) if a.images else synthetic_items(a.n, a.seed)
     report = evaluate(a.bundle, items, a.reference, a.threads)
     print(json.dumps(report, ensure_ascii=False) if a.json else format_report(report))
@@ -237,9 +279,10 @@ def cmd_cache(a: argparse.Namespace) -> int:
     kinds = cache.select_kinds(a.kind)
     store = cache.open_store()
     if a.action == "clear":
+        cache.check_clear(store.folder, kinds)
         for kind in kinds:
             if kind == "export":
-                from qwenvl_edge.export_stages import clear_export_cache
+                from qwenvl_edge.bundler.export_stages import clear_export_cache
 
                 size = cache.export_folders_size()[1]
                 print(f"{kind}: removed {clear_export_cache()} folders ({cache.human(size)})")

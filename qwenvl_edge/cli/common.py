@@ -1,19 +1,16 @@
 """What ``run``, ``chat`` and ``demo`` share: option checks before any model loads, opening the
 model, sampling arguments, and the stderr lines (silenced by ``-q``).
 
-Option values are checked by ``qwenvl_edge.validate`` (the one place for that), here, before the
-bundle's engines load, so a bad ``--n-ctx`` costs milliseconds, not a model load.
+Option values are checked by the option table (``qwenvl_edge.options``, with ``qwenvl_edge.validate``'s
+checks) before the bundle's engines load, so a bad ``--n-ctx`` costs milliseconds, not a model load.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from qwenvl_edge import validate
-from qwenvl_edge.errors import ImageError, OptionError
+from qwenvl_edge import options
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic"}
 
@@ -24,35 +21,12 @@ def say(a: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-ENV_THREADS = "QWENVL_EDGE_THREADS"
-
-
-def default_threads() -> int | None:
-    """``$QWENVL_EDGE_THREADS`` when set (as OMP_NUM_THREADS is for other tools), else None: every usable core."""
-    value = os.environ.get(ENV_THREADS, "").strip()
-    if not value:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise OptionError(f"${ENV_THREADS} must be a whole number of threads, got {value!r}") from None
-
-
 def check_model_options(a: argparse.Namespace) -> None:
-    """Every option of a model command, checked before the model loads (raises ``QwenVLError``)."""
-    a.threads = validate.n_threads(a.threads if a.threads is not None else default_threads())
-    a.n_ctx = validate.n_ctx(a.n_ctx)
-    a.max_tokens = validate.max_tokens(a.max_tokens)
-    a.temperature = validate.temperature(a.temperature)
-    a.top_p = validate.top_p(a.top_p)
-    a.seed = validate.seed(a.seed)
+    """Every option of a model command, checked before the model loads (raises ``QwenVLError``).
 
-
-def check_image_files(images: list[str]) -> None:
-    """Each image names a readable file (decoding is checked when it is encoded)."""
-    for image in images:
-        if not Path(image).is_file():
-            raise ImageError(f"{image}: no such image file")
+    ``main`` has already run these checks (``options.check``); they are idempotent, so a command body
+    called with a namespace of its own is checked the same way."""
+    options.check(a, (*options.MODEL, *options.SAMPLING))
 
 
 def open_model(a: argparse.Namespace):

@@ -15,22 +15,31 @@ Images come from the tiny trained model's task generator (``--task synthetic``) 
 
 from __future__ import annotations
 
-import json
+import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from qwenvl_edge import task_images
+from qwenvl_edge import validate
 from qwenvl_edge.errors import QwenVLError
+from qwenvl_edge.evaluation import task_images
 from qwenvl_edge.runtime.bundle import Bundle
 from qwenvl_edge.runtime.preprocess import read_image
 from qwenvl_edge.runtime.prompt import ImageRef, PromptBuilder, Turn
+from qwenvl_edge.validate import DEFAULT_N_CTX, json_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+QUESTIONS_FILE = "questions.json"
+ENTRY_KEYS = ("image", "question", "answer", "box", "task")
+ENTRY = "{image, question, answer?, box?, task?}"
+SPEC_SHAPE = f"a list of {ENTRY} objects"
 OPEN_QUESTION = "What is in the picture?"
 MAX_TOKENS = 48
 
@@ -52,8 +61,19 @@ class Item:
         return task_images.is_right(self.answer, self.box, text, size)
 
 
+def check_counts(n: int, seed: int) -> None:
+    """``--n`` and ``--seed`` of the synthetic images (numpy's generator takes no negative seed), for API
+    callers too: the CLI's option table checks the same before this runs."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise QwenVLError(f"--n must be at least 1, got {n!r:.40}")
+    if seed is None:
+        raise QwenVLError("seed must be an integer, got None")
+    validate.seed(seed)
+
+
 def synthetic_items(n: int, seed: int) -> list[Item]:
     """``n`` images per task of the tiny model's colour / sign / grounding tasks."""
+    check_counts(n, seed)
     return [Item(s.task, s.image, s.question, s.answer, s.box)
             for task in task_images.TASKS for s in task_images.make_set(task, n, seed)]
 
@@ -63,18 +83,77 @@ def folder_items(folder: Path) -> list[Item]:
     folder = Path(folder)
     if not folder.is_dir():
         raise QwenVLError(f"{folder}: not a folder of images")
-    spec = folder / "questions.json"
+    spec = folder / QUESTIONS_FILE
     if spec.is_file():
-        try:
-            entries = json.loads(spec.read_text(encoding="utf-8"))
-            return [Item(e.get("task", "folder"), folder / e["image"], e["question"], e.get("answer"),
-                         tuple(e["box"]) if e.get("box") else None) for e in entries]
-        except (ValueError, TypeError, KeyError) as e:
-            raise QwenVLError(f"{spec}: not a list of {{image, question, answer?, box?}} ({e})") from None
+        return spec_items(folder, spec, json_file(spec, QwenVLError, QUESTIONS_FILE))
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise QwenVLError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return [Item("folder", p, OPEN_QUESTION) for p in images]
+
+
+def spec_items(folder: Path, spec: Path, entries: Any) -> list[Item]:
+    """``questions.json``'s entries, each checked now (before any model work), errors naming the entry."""
+    if not isinstance(entries, list):
+        raise QwenVLError(f"{spec}: not {SPEC_SHAPE} (a JSON {type(entries).__name__})")
+    if not entries:
+        raise QwenVLError(f"{spec}: no questions; expected {SPEC_SHAPE}")
+    return [_spec_item(folder, f"{spec}: entry {i}", entry) for i, entry in enumerate(entries, 1)]
+
+
+def _spec_item(folder: Path, where: str, entry: Any) -> Item:
+    if not isinstance(entry, dict):
+        raise QwenVLError(f"{where}: a JSON {type(entry).__name__}, expected an object {ENTRY}")
+    unknown = sorted(set(entry) - set(ENTRY_KEYS))
+    if unknown:
+        raise QwenVLError(f"{where}: unknown key {unknown[0]!r:.40}; an entry is {ENTRY}")
+    image, task, answer, box = entry.get("image"), entry.get("task", "folder"), entry.get("answer"), entry.get("box")
+    if not isinstance(image, str) or not image or "\x00" in image:
+        raise QwenVLError(f"{where}: image must be a file name, got {image!r:.60}")
+    if not os.path.isfile(folder / image):  # isfile: False, not an exception, for a name too long to look up
+        raise QwenVLError(f"{where}: {str(folder / image):.200}: no such image file")
+    question = validate.question(entry.get("question"), f"{where}: question")
+    if not isinstance(task, str) or not task:
+        raise QwenVLError(f"{where}: task must be a non-empty string, got {task!r:.60}")
+    if answer is not None and not isinstance(answer, str):
+        raise QwenVLError(f"{where}: answer must be a string, got {answer!r:.60}")
+    if box is not None and not (isinstance(box, list) and len(box) == 4 and all(
+            isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        raise QwenVLError(f"{where}: box must be [x1, y1, x2, y2] in pixels, got {box!r:.60}")
+    return Item(task, folder / image, question, answer, tuple(map(float, box)) if box else None)
+
+
+# what a reference must share with the bundle for its rows and logits to be compared: (section, key)
+SAME_MODEL = [("model", "hidden_size"), ("model", "vocab_size"), ("model", "n_queries"), ("model", "image_size"),
+              ("config", "num_hidden_layers"), ("config", "num_attention_heads"), ("config", "intermediate_size")]
+
+
+def _model_fact(bundle: Bundle, section: str, key: str) -> Any:
+    if section == "model":
+        return getattr(bundle.model, key)
+    source = bundle.manifest.get("source")
+    config = source.get("config") if isinstance(source, dict) else None
+    return config.get(key) if isinstance(config, dict) else None
+
+
+def check_reference(bundle: Bundle, reference: Bundle) -> None:
+    """The reference must be a float export of the same model: its manifest is read before any engine loads,
+    so another width is refused at once, not after the whole answer pass."""
+    for section, key in SAME_MODEL:
+        mine, theirs = _model_fact(bundle, section, key), _model_fact(reference, section, key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise QwenVLError(f"--reference {reference.folder}: another model ({key} {theirs}, the bundle's is "
+                              f"{mine}); the reference must be the float export of the bundle's checkpoint")
+
+
+def open_bundles(bundle_dir: Path, reference_dir: Path | None) -> tuple[Bundle, Bundle | None]:
+    """Both bundles opened (manifests, file sizes, GGUF headers) and matched, before any model work."""
+    bundle = Bundle.open(bundle_dir)
+    if reference_dir is None:
+        return bundle, None
+    reference = Bundle.open(reference_dir)
+    check_reference(bundle, reference)
+    return bundle, reference
 
 
 def encode_rows(bundle: Bundle, items: Sequence[Item], n_threads: int | None) -> np.ndarray:
@@ -106,7 +185,7 @@ class TeacherForced:
     def __init__(self, bundle: Bundle, n_threads: int | None):
         from qwenvl_edge.runtime.decoder import Decoder
 
-        self.decoder = Decoder(bundle.llm_path, n_ctx=2048, n_threads=n_threads)
+        self.decoder = Decoder(bundle.llm_path, n_ctx=DEFAULT_N_CTX, n_threads=n_threads)
         self.prompts = PromptBuilder(bundle.model, self.decoder.tokenizer)
 
     def logits(self, question: str, rows: np.ndarray, answer: Sequence[int]) -> np.ndarray:
@@ -146,8 +225,7 @@ def evaluate(bundle_dir: Path, items: Sequence[Item], reference_dir: Path | None
     """
     from qwenvl_edge.quant.vision_quality import compare_rows
 
-    bundle = Bundle.open(bundle_dir)
-    reference = Bundle.open(reference_dir) if reference_dir is not None else None  # fail before the long part
+    bundle, reference = open_bundles(bundle_dir, reference_dir)  # fail before the long part
     answers = task_answers(bundle.folder, items, n_threads)
     report: dict = {"bundle": str(bundle.folder), "reference": None, "items": len(items),
                     "tasks": {t: {"bundle": v} for t, v in _accuracy(items, answers).items()},
