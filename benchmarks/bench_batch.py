@@ -116,7 +116,24 @@ def main(argv: list[str] | None = None) -> int:
                     "batch_ratio_2_vs_1_actor": out["ratio_2_vs_1_actor"],
                     "batch_load_average_at_start": load_at_start[0]})
     a.results.write_text(json.dumps(results, indent=2) + "\n")
+    (a.results.parent / "batch.md").write_text(section(out))
     return 0
+
+
+def section(out: dict) -> str:
+    """benchmarks/batch.md, which report.py copies into RESULTS.md."""
+    lines = ["## `qwenvl-edge batch`: rows per second, one machine (the tiny trained bundle)", "",
+             f"{out['rows']} task images (greedy, at most {out['max_tokens']} tokens, no disk cache), batches of "
+             f"{out['batch_size']}, {out['threads_per_actor']} thread(s) per model, {out['machine']}; load average "
+             f"at the start {out['load_average_at_start'][0]:.2f}. Steady state: from the first finished batch to "
+             "the last (the actors' start and model load left out); wall: the whole job, Ray's start included.", "",
+             "| run | rows/s (steady) | rows/s (wall) | wall |", "| --- | --- | --- | --- |"]
+    for name, r in out["runs"].items():
+        lines.append(f"| {name.replace('_', ' ')} | {r['rows_per_s']:.2f} | {r['rows_per_s_wall']:.2f} | "
+                     f"{r['wall_s']:.1f} s |")
+    ratio = out["ratio_2_vs_1_actor"]
+    lines += ["", f"2 actors / 1 actor: **x{ratio:.2f}** (steady state) on 2 cores." if ratio else ""]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

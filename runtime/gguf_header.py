@@ -9,6 +9,7 @@ against the file's size, and it stops as soon as the wanted keys are found.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -107,45 +108,47 @@ def _open_header(f: BinaryIO, path: Path) -> tuple[_Reader, int]:
     return r, n_kv
 
 
-def read_gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict[str, Any]:
-    """The GGUF's key/value metadata (arrays as their lengths); stops early once every ``wanted`` key is read."""
-    path = Path(path)
+def _scan(path: Path, visit: Callable[[_Reader, str, int], bool]) -> None:
+    """Walk the header's key/value entries: ``visit(reader, key, kind)`` reads or skips the value and says
+    whether to stop; a file that cannot be read is one ``BundleError``."""
     try:
         with open(path, "rb") as f:
             r, n_kv = _open_header(f, path)
-            out: dict[str, Any] = {}
             for _ in range(n_kv):
                 key = r.string(MAX_KEY_BYTES).decode("utf-8", "replace")
-                kind = r.unpack("<I")
-                out[key] = r.value(kind, wanted is None or key in wanted)
-                if wanted is not None and wanted <= out.keys():
-                    break
-            return out
+                if visit(r, key, r.unpack("<I")):
+                    return
     except OSError as e:
         raise BundleError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict[str, Any]:
+    """The GGUF's key/value metadata (arrays as their lengths); stops early once every ``wanted`` key is read."""
+    out: dict[str, Any] = {}
+
+    def visit(r: _Reader, key: str, kind: int) -> bool:
+        out[key] = r.value(kind, wanted is None or key in wanted)
+        return wanted is not None and wanted <= out.keys()
+
+    _scan(Path(path), visit)
+    return out
 
 
 def read_gguf_tokens(path: Path, wanted: set[str]) -> dict[str, str]:
     """Items of string arrays named ``"key[i]"`` (e.g. ``tokenizer.ggml.tokens[7]``: the text of token 7);
     an item the file does not have is left out."""
-    path = Path(path)
     picks: dict[str, set[int]] = {}
     for name in wanted:
         key, _, index = name.rpartition("[")
         picks.setdefault(key, set()).add(int(index.rstrip("]")))
-    try:
-        with open(path, "rb") as f:
-            r, n_kv = _open_header(f, path)
-            out: dict[str, str] = {}
-            for _ in range(n_kv):
-                key = r.string(MAX_KEY_BYTES).decode("utf-8", "replace")
-                kind = r.unpack("<I")
-                if key not in picks:
-                    r.value(kind, False)
-                    continue
-                out.update({f"{key}[{i}]": text for i, text in r.pick_strings(kind, picks.pop(key)).items()})
-                if not picks:
-                    break
-            return out
-    except OSError as e:
-        raise BundleError(f"{path}: cannot read ({e.strerror or e})") from None
+    out: dict[str, str] = {}
+
+    def visit(r: _Reader, key: str, kind: int) -> bool:
+        if key not in picks:
+            r.value(kind, False)
+            return False
+        out.update({f"{key}[{i}]": text for i, text in r.pick_strings(kind, picks.pop(key)).items()})
+        return not picks
+
+    _scan(Path(path), visit)
+    return out

@@ -103,6 +103,15 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def module_server(bundle: Path, tmp_path_factory: pytest.TempPathFactory, name: str):
+    """A module fixture's body: a server on ``bundle``, yielded, then stopped cleanly with no traceback in its
+    log (``yield from module_server(...)``)."""
+    s = ServerProcess(bundle, tmp_path_factory.mktemp(name))
+    yield s
+    assert s.stop() == 0
+    assert "Traceback" not in s.log(), s.log()
+
+
 class ImageHost:
     """A plain HTTP server on 127.0.0.1 serving files from a folder; ``/slow/NAME`` answers after
     ``delay_s`` (for the fetch timeout). Only the loopback address is ever used."""

@@ -117,6 +117,7 @@ def test_quiet_prints_nothing(trained_default_bundle: Path, task_set, tmp_path: 
     assert_same_answers(read_out(tmp_path / "out.jsonl"), {k: reference[k] for k in ("1", "photo-1")})
 
 
+@pytest.mark.long  # three reruns of the task set; the Parquet test resumes too
 @pytest.mark.parametrize("kept", [0, 3, 5])
 def test_a_rerun_answers_only_the_ids_not_in_out(trained_default_bundle: Path, task_set, tmp_path: Path, capsys,
                                                  kept: int) -> None:

@@ -63,6 +63,7 @@ def test_sigint_in_a_quantization_that_does_not_return(tiny_ckpt: Path, tmp_path
     assert_nothing_half_written(tmp_path, out, worker)
 
 
+@pytest.mark.long  # three exports; the default suite keeps the SIGINT case
 def test_sigterm_then_sigint_in_the_llm_stages_and_resume(tiny_ckpt: Path, tmp_path: Path) -> None:
     """1. SIGTERM while llama.cpp quantizes: exit 143, nothing half-written. 2. The rerun reuses the GGUF
     stage; SIGINT in the quality check whose worker is stuck: exit 130 at once. 3. The rerun reuses both

@@ -75,6 +75,7 @@ def test_trained_model_keeps_its_sensitive_matmul_in_float(trained_int8) -> None
     json.dumps(report)  # the manifest stores it as is
 
 
+@pytest.mark.long  # 120 task images encoded twice; the default suite keeps the calibration check
 @pytest.mark.parametrize("task", T.TASKS)
 def test_trained_model_worst_task_row_meets_the_floor(trained_int8, trained_fp32: Path, task: str) -> None:
     """The floor is checked on the calibration images; it must hold on the task images too (sign: 0.65 before)."""
@@ -82,6 +83,7 @@ def test_trained_model_worst_task_row_meets_the_floor(trained_int8, trained_fp32
     assert metrics["cosine_min"] >= 0.99, (task, metrics)
 
 
+@pytest.mark.long  # two more INT8 exports of the trained model
 @pytest.mark.parametrize("scheme", ["static", "dynamic"])
 def test_other_schemes_hold_the_floor_too(scheme: str, trained_fp32: Path, tmp_path: Path) -> None:
     """The static scheme calibrates each one-node piece from the FP32 chain; int8 weights drift more."""
@@ -92,6 +94,7 @@ def test_other_schemes_hold_the_floor_too(scheme: str, trained_fp32: Path, tmp_p
     assert floor["kept_in_float"][0] == SENSITIVE and report["quantized_matmuls"] == 8 - len(floor["kept_in_float"])
 
 
+@pytest.mark.long  # another INT8 export of the trained model
 def test_without_the_floor_the_trained_model_drifts(trained_fp32: Path, tmp_path: Path) -> None:
     """The problem the floor fixes is real: a floor under today's worst row keeps nothing, and sign rows drift."""
     report = quantize_vision(trained_fp32, tmp_path / "vision.onnx", n_threads=2, floor=0.9)
@@ -101,6 +104,7 @@ def test_without_the_floor_the_trained_model_drifts(trained_fp32: Path, tmp_path
 
 # --- random checkpoints: nothing extra is kept ------------------------------------------------------------
 
+@pytest.mark.long  # three INT8 exports; the golden default bundle's manifest is checked in the default suite
 @pytest.mark.parametrize("name", ["tiny_ckpt", "odd_ckpt", "narrow_ckpt"])
 def test_random_checkpoints_keep_nothing_extra(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     fp32 = fp32_vision(request.getfixturevalue(name), tmp_path)
@@ -121,6 +125,7 @@ def test_golden_default_bundle_manifest_says_nothing_was_kept(default_bundle: Pa
 
 # --- an unreachable floor: everything stays in float, and the export says so -------------------------------
 
+@pytest.mark.long  # two INT8 exports
 @pytest.mark.parametrize("name", ["tiny_ckpt", "narrow_ckpt"])
 def test_floor_of_one_keeps_every_matmul_in_float(name: str, request: pytest.FixtureRequest, golden,
                                                   tmp_path: Path) -> None:
@@ -180,6 +185,7 @@ def stop_at(stage: str, said: list[str]):
     return progress
 
 
+@pytest.mark.long  # two exports
 def test_resumed_export_redoes_an_int8_stage_of_another_floor(tiny_ckpt: Path, tmp_path: Path) -> None:
     opts = ExportOptions(llm="F32", n_threads=2)
     out = tmp_path / "bundle"
@@ -202,6 +208,7 @@ def test_resumed_export_redoes_an_int8_stage_of_another_floor(tiny_ckpt: Path, t
     assert manifest["export"]["options"]["int8_floor"] == 0.99
 
 
+@pytest.mark.long  # two exports
 def test_resumed_export_reuses_an_int8_stage_of_the_same_floor(tiny_ckpt: Path, tmp_path: Path) -> None:
     opts = ExportOptions(llm="F32", n_threads=2, int8_floor=0.98)
     said: list[str] = []

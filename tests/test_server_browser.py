@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server_harness import ServerProcess, require_tool
+from tests.server_harness import module_server, require_tool
 
 pytestmark = pytest.mark.long  # its own step of .ci/run (python -m pytest -m long)
 
@@ -50,10 +50,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(f32_bundle, tmp_path_factory):
-    s = ServerProcess(f32_bundle, tmp_path_factory.mktemp("server"))
-    yield s
-    assert s.stop() == 0
-    assert "Traceback" not in s.log(), s.log()
+    yield from module_server(f32_bundle, tmp_path_factory, "server")
 
 
 def test_page_asks_about_a_photo_and_streams_the_answer(browser, server, golden) -> None:
@@ -395,10 +392,7 @@ GROUNDING_SHOT = ARTIFACTS / "server-page-grounding.png"
 @pytest.fixture(scope="module")
 def trained_server(trained_f32_bundle, tmp_path_factory):
     """The tiny trained model: it answers "Where is the red circle?" with a real <ref>/<box> answer."""
-    s = ServerProcess(trained_f32_bundle, tmp_path_factory.mktemp("trained-server"))
-    yield s
-    assert s.stop() == 0
-    assert "Traceback" not in s.log(), s.log()
+    yield from module_server(trained_f32_bundle, tmp_path_factory, "trained-server")
 
 
 def ask_and_wait(browser, question: str, n_answers: int):

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server_harness import ServerProcess
+from tests.server_harness import ServerProcess, module_server
 from tests.test_server import MODEL, assert_error, user
 
 LONG = 1500
@@ -38,10 +38,7 @@ def timed(f32_bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def patient(f32_bundle, tmp_path_factory):
     """The default time limit (600 s): only a client's leaving can end a long request early."""
-    s = ServerProcess(f32_bundle, tmp_path_factory.mktemp("patient"))
-    yield s
-    assert s.stop() == 0
-    assert "Traceback" not in s.log(), s.log()
+    yield from module_server(f32_bundle, tmp_path_factory, "patient")
 
 
 def long_body(stream: bool = False) -> dict:

@@ -17,7 +17,7 @@ import pytest
 from qwenvl_edge.errors import QwenVLError
 from qwenvl_edge.runtime.pipeline import QwenVL
 from tests.cli_helpers import run_cli, temp_home  # noqa: F401 -- temp_home: the CLI test's HOME
-from tests.server_harness import ServerProcess, data_uri
+from tests.server_harness import data_uri, module_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -38,10 +38,7 @@ def fmt(schema: dict, strict: bool = True) -> dict:
 
 @pytest.fixture(scope="module")
 def server(trained_default_bundle, tmp_path_factory):
-    s = ServerProcess(trained_default_bundle, tmp_path_factory.mktemp("structured"))
-    yield s
-    assert s.stop() == 0
-    assert "Traceback" not in s.log(), s.log()
+    yield from module_server(trained_default_bundle, tmp_path_factory, "structured")
 
 
 @pytest.fixture(scope="module")

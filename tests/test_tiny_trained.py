@@ -97,6 +97,7 @@ def test_shipped_weights_are_small_and_rebuild_a_real_checkpoint(trained_ckpt: P
 
 # --- what the bundles answer ------------------------------------------------------------------
 
+@pytest.mark.long  # an accuracy sample: 120 task images through two bundles (about 3 min on 2 cores)
 @pytest.mark.parametrize("task", list(FLOORS))
 def test_float_bundle_meets_the_floor(report: dict, task: str, request: pytest.FixtureRequest) -> None:
     if task in NOT_YET:
@@ -106,6 +107,7 @@ def test_float_bundle_meets_the_floor(report: dict, task: str, request: pytest.F
     assert ref["accuracy"] >= FLOORS[task], (task, ref, report["examples"])
 
 
+@pytest.mark.long  # an accuracy sample: 120 task images through two bundles (about 3 min on 2 cores)
 def test_quantized_bundle_loses_at_most_two_answers_per_task(report: dict, capsys) -> None:
     with capsys.disabled():
         print("\ntiny trained, INT8 + Q4_K_M vs FP32 + F32 on 40 images per task:",
@@ -115,6 +117,7 @@ def test_quantized_bundle_loses_at_most_two_answers_per_task(report: dict, capsy
         assert scores["bundle"]["right"] >= scores["reference"]["right"] - 2, (task, scores)
 
 
+@pytest.mark.long  # an accuracy sample: 120 task images through two bundles (about 3 min on 2 cores)
 def test_report_measures_each_stage(report: dict) -> None:
     v, d = report["vision"], report["decoder"]
     assert v["rows"] == 3 * N_PER_TASK * 256 and 0.9 < v["cosine_mean"] <= 1.0 and v["rel_error_mean"] > 0
