@@ -54,8 +54,11 @@ def derived_bundle(bundle: Path, gguf: Path, llm_type: str, folder: Path) -> Pat
 
 
 def run_config(binary: Path, bundle: Path, image: Path, extra: list[str], threads: int | None) -> dict:
+    # the phone path: vision freed before the decoder loads, the GGUF read unless --mmap (the command's defaults
+    # are the desktop's: mapped, loaded beside the encoder)
+    phone = ["--overlap", "off", *([] if "--mmap" in extra else ["--load", "read"])]
     cmd = [str(binary), "run", str(bundle), str(image), QUESTION, "--greedy", "--max-tokens", str(MAX_TOKENS),
-           "--stats", *extra] + (["--threads", str(threads)] if threads else [])
+           "--stats", *phone, *extra] + (["--threads", str(threads)] if threads else [])
     stats = run_measured(cmd)
     if stats.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({stats.returncode}): {stats.stderr_lines[-1:]}")

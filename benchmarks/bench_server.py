@@ -44,12 +44,13 @@ def _photos(n: int) -> list[str]:
     return uris
 
 
-def _ask(url: str, messages: list[dict]) -> dict:
-    """One streamed greedy answer: time to first content byte, the text, and usage."""
-    body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+def _ask(url: str, messages: list[dict], max_tokens: int = MAX_TOKENS) -> dict:
+    """One streamed greedy answer: time to first content byte, the text, usage, and when each content chunk
+    arrived (``time.perf_counter``)."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     started = time.perf_counter()
-    ttft, text, usage = None, [], None
+    arrivals, text, usage = [], [], None
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=3600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -60,14 +61,17 @@ def _ask(url: str, messages: list[dict]) -> dict:
             for choice in chunk.get("choices", []):
                 piece = choice["delta"].get("content")
                 if piece:
-                    ttft = ttft if ttft is not None else time.perf_counter() - started
+                    arrivals.append(time.perf_counter())
                     text.append(piece)
-    return {"ttft_s": ttft, "wall_s": time.perf_counter() - started, "text": "".join(text), "usage": usage or {}}
+    return {"ttft_s": arrivals[0] - started if arrivals else None, "wall_s": time.perf_counter() - started,
+            "text": "".join(text), "usage": usage or {}, "started": started, "arrivals": arrivals}
 
 
-def _start(bundle: Path, threads: int | None, folder: Path) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "XDG_CACHE_HOME": str(folder / "cache"), "HOME": str(folder)}
-    cmd = [sys.executable, "-m", "qwenvl_edge.cli", "serve", "--bundle", str(bundle), "--port", "0"]
+def _start(bundle: Path, threads: int | None, folder: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``qwenvl-edge serve`` with its home, cache and state in ``folder``; returns once /health answers."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(folder / "cache"), "HOME": str(folder),
+           "XDG_STATE_HOME": str(folder / "state")}
+    cmd = [sys.executable, "-m", "qwenvl_edge.cli", "serve", "--bundle", str(bundle), "--port", "0", *extra]
     cmd += ["--threads", str(threads)] if threads else []
     log = open(folder / "server.log", "wb")  # noqa: SIM115 -- the child writes it for its whole life
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -215,7 +215,8 @@ def write_report(results: dict, folder: Path) -> None:
     lines += ["", "| bundle file | size |", "| --- | --- |"]
     lines += [f"| {name} | {gb:.2f} GB |" for name, gb in e["files_gb"].items()]
     # written by bench_accuracy and bench_phone_quality (the tiny trained model)
-    for section in (folder / "accuracy.md", folder / "phone_quality.md", folder / "batch.md"):
+    for section in (folder / "accuracy.md", folder / "phone_quality.md", folder / "batch.md",
+                    folder / "native_vs_python.md"):
         if section.is_file():
             lines += ["", section.read_text().rstrip("\n")]
     notes = results.get("notes")

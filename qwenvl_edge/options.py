@@ -35,9 +35,11 @@ from qwenvl_edge.quant.registry import (
     SCHEMES,
     check_int8_floor,
 )
+from qwenvl_edge.server.keepalive import DEFAULT_KEEP_ALIVE, parse_keep_alive
 from qwenvl_edge.server.options import MODEL_ID, Limits
 
 ENV_THREADS = "QWENVL_EDGE_THREADS"
+ENV_NO_RESIDENT = "QWENVL_EDGE_NO_RESIDENT"  # run and chat: never use a resident server
 FLAG_ACTIONS = ("store_true", "store_false")
 
 
@@ -237,8 +239,25 @@ OPTIONS: dict[str, Option] = {
                         default=_LIMITS.max_queue, check=_at_least("--max-queue", 0)),
     "request_timeout": Option(("--request-timeout",), "seconds one generation may run", float,
                               default=_LIMITS.request_timeout_s, check=_positive("--request-timeout")),
+    "parallel": Option(("--parallel",), "requests decoded together, one llama.cpp sequence each (each holds its own "
+                       "KV cache of --n-ctx positions)", int, shown="as many as fit in memory, at most 4",
+                       check=_at_least("--parallel", 1)),
     "cors_origin": Option(("--cors-origin",), "let web pages from ORIGIN (https://app.example:8443, or *) call the "
                           "API from a browser (repeatable)", action="append", metavar="ORIGIN", shown="none"),
+    # a resident server: serve --background / --keep-alive, ps, stop; run and chat use it
+    "background": Option(("--background",), "run the server detached (its log and state file in "
+                         "$XDG_STATE_HOME/qwenvl-edge/servers) and return once /health answers; `qwenvl-edge ps` "
+                         "lists it, `qwenvl-edge stop` stops it, run and chat use it", action="store_true"),
+    "keep_alive": Option(("--keep-alive",), "unload the model after this long without requests: seconds or 30s, "
+                         "5m, 1h (0: after each request; -1 or never: keep it loaded); the next request loads it "
+                         "again, /health stays 200", default=DEFAULT_KEEP_ALIVE, check=parse_keep_alive,
+                         metavar="DURATION"),
+    "no_resident": Option(("--no-resident",), f"load the model in this process even when a resident server "
+                          f"(`qwenvl-edge serve`) runs on this bundle (also ${ENV_NO_RESIDENT}=1)",
+                          action="store_true"),
+    "stop_bundle": Option(("--bundle",), "stop the server of this bundle folder", Path,
+                          shown="the only server running"),
+    "stop_all": Option(("--all",), "stop every resident server", action="store_true"),
 }
 
 # the option groups several commands share
@@ -246,7 +265,7 @@ MODEL = ("threads", "n_ctx", "max_tokens", "no_cache", "load")
 SAMPLING = ("greedy", "temperature", "top_p", "seed")
 SERVE = ("bundle", "host", "port", "api_key", "media_dir", "allow_remote_images", "remote_max_mb", "remote_timeout",
          "model_name", "threads", "n_ctx", "max_images", "max_image_pixels", "max_body_mb", "max_queue",
-         "request_timeout", "cors_origin")
+         "request_timeout", "parallel", "cors_origin", "keep_alive", "background")
 
 
 def command_of(parser: argparse.ArgumentParser) -> str:

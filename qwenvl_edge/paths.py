@@ -18,6 +18,18 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "qwenvl-edge"
 
 
+def state_root() -> Path:
+    """``$XDG_STATE_HOME/qwenvl-edge`` (``~/.local/state/qwenvl-edge`` when unset): chat history, and the
+    state file and log of each resident server (``servers/``)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base).expanduser() / "qwenvl-edge"
+
+
+def servers_dir() -> Path:
+    """Where each running ``qwenvl-edge serve`` keeps its state file (pid, port, bundle) and its log."""
+    return state_root() / "servers"
+
+
 def default_bundle_dir() -> Path:
     """``$QWENVL_EDGE_BUNDLE`` if set, else ``bundle/`` in the cache root."""
     env = os.environ.get(ENV_BUNDLE)

@@ -23,6 +23,14 @@ from qwenvl_edge.errors import BundleError, OptionError, PromptError
 from qwenvl_edge.runtime.prompt import ImageRef, Unit, n_positions
 from qwenvl_edge.validate import DEFAULT_N_CTX
 
+# llama.cpp's CPU threads are an OpenMP team, and libgomp spins 300,000 rounds at every barrier before it
+# sleeps: with one more busy process on the cores, the decoder's threads wait on each other's time slices
+# (the tiny model: 2.5 tok/s beside the test suite, 30-47 with this). libgomp reads it once, when llama_cpp
+# loads it (imported lazily, below); the user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins. qwenvl-native
+# sets the same value.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 SEQ = 0  # one sequence per context
 Cancel = Callable[[], bool] | None  # asked between evaluation steps: True means stop
 
@@ -79,6 +87,29 @@ def load_model(path: Path, *, vocab_only: bool = False, use_mmap: bool = False, 
         raise BundleError(f"{path}: llama.cpp cannot load it ({e})") from None
 
 
+def make_context(model, path: Path, n_ctx: int, n_batch: int, n_threads: int | None, verbose: bool,
+                 n_seq: int = 1):
+    """A ``LlamaContext`` of ``n_ctx`` positions per sequence for ``n_seq`` sequences, each in its own KV
+    stream (a sequence's attention never sees another's cells, so its numbers are a lone sequence's)."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaContext
+
+    threads = n_threads or default_threads()
+    params = LlamaContext.default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx * n_seq, n_batch, n_batch
+    params.n_seq_max, params.kv_unified = n_seq, False
+    params.n_threads = params.n_threads_batch = threads
+    # off, as the golden parity was measured: flash attention reorders sums and flips near-ties
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.no_perf = True
+    try:
+        with quiet_stderr(not verbose):
+            return LlamaContext(model=model, params=params, verbose=verbose)
+    except ValueError as e:
+        size = f"{n_ctx} positions" if n_seq == 1 else f"{n_seq} sequences of {n_ctx} positions"
+        raise BundleError(f"{path}: llama.cpp cannot make a context of {size} ({e})") from None
+
+
 class Tokenizer:
     """Text <-> ids with a model's vocabulary (a vocab-only model before the decoder loads)."""
 
@@ -120,6 +151,33 @@ def check_grammar(model, grammar: str, verbose: bool = False) -> None:
     llama_cpp.llama_sampler_free(grammar_sampler(model, grammar, verbose))
 
 
+TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+
+
+def pick(sampler, logits: np.ndarray) -> int:
+    """What ``llama_sampler_sample`` does, on a copy of the logits: every token a candidate, the sampler
+    applied, its choice accepted (a raw ``llama_sampler*``)."""
+    import llama_cpp
+
+    data = np.empty(len(logits), dtype=TOKEN_DATA)
+    data["id"] = np.arange(len(logits), dtype=np.int32)
+    data["logit"] = logits
+    data["p"] = 0.0
+    arr = llama_cpp.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+                                           size=len(logits), selected=-1, sorted=False)
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
+    token = int(arr.data[arr.selected].id)
+    llama_cpp.llama_sampler_accept(sampler, token)
+    return token
+
+
+def sample_logits(sampler, logits: np.ndarray) -> int:
+    """A ``LlamaSampler``'s or ``GrammarChain``'s next token from a copy of one position's logits."""
+    if isinstance(sampler, GrammarChain):
+        return sampler.sample_logits(logits)
+    return pick(sampler.sampler, logits)
+
+
 class GrammarChain:
     """A sampler chain with a grammar checked after it, in llama.cpp's own (``common_sampler``) order: the
     chain picks a token, the grammar is asked about that one token, and only when it refuses is the whole
@@ -138,7 +196,7 @@ class GrammarChain:
         self.grammar = grammar  # a raw llama_sampler*, freed in close
         self.n_vocab = n_vocab
         self._one = (llama_cpp.llama_token_data * 1)()
-        self._all = np.zeros(n_vocab, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+        self._all = np.zeros(n_vocab, dtype=TOKEN_DATA)
         self._all["id"] = np.arange(n_vocab, dtype=np.int32)
         self.resampled = 0  # tokens the grammar refused (tells tests the slow path ran)
 
@@ -155,10 +213,19 @@ class GrammarChain:
     def sample(self, ctx, idx: int = -1) -> int:
         lib = self._llama_cpp
         token = self.chain.sample(ctx, idx)
+        return self._checked(token, lambda: np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx.ctx, idx),
+                                                                  shape=(self.n_vocab,)))
+
+    def sample_logits(self, logits: np.ndarray) -> int:
+        """``sample`` from a copy of one position's logits (a sequence of a shared context keeps its own)."""
+        return self._checked(pick(self.chain.sampler, logits), lambda: logits)
+
+    def _checked(self, token: int, logits: Callable[[], np.ndarray]) -> int:
+        """``token`` if the grammar allows it, else the chain's pick among the tokens it allows."""
+        lib = self._llama_cpp
         if not self._allows(token):
             self.resampled += 1
-            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx.ctx, idx), shape=(self.n_vocab,))
-            self._all["logit"] = logits
+            self._all["logit"] = logits()
             self._all["p"] = 0.0
             data = self._all.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
             arr = self._apply(self.grammar, data, self.n_vocab)
@@ -178,33 +245,27 @@ class GrammarChain:
 
 
 class Decoder:
-    """One llama.cpp model + context; ``units`` is what its KV cache holds."""
+    """One llama.cpp model + context; ``units`` is what its KV cache holds (sequence ``seq`` of it)."""
+
+    seq = SEQ
 
     def __init__(self, gguf_path: Path, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None, n_batch: int = 512,
                  verbose: bool = False, use_mmap: bool = False, repack: bool = True):
         import llama_cpp
-        from llama_cpp._internals import LlamaBatch, LlamaContext
+        from llama_cpp._internals import LlamaBatch
 
         self._llama_cpp = llama_cpp
         self._stack = contextlib.ExitStack()
         self.path = Path(gguf_path)
         self.model = self._stack.enter_context(contextlib.closing(
             load_model(self.path, use_mmap=use_mmap, repack=repack, verbose=verbose)))
-        threads = n_threads or default_threads()
         n_batch = min(n_batch, n_ctx)
-        params = LlamaContext.default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
-        params.n_threads = params.n_threads_batch = threads
-        # off, as the golden parity was measured: flash attention reorders sums and flips near-ties
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        params.no_perf = True
         try:
-            with quiet_stderr(not verbose):
-                self.ctx = self._stack.enter_context(contextlib.closing(
-                    LlamaContext(model=self.model, params=params, verbose=verbose)))
-        except ValueError as e:
+            self.ctx = self._stack.enter_context(contextlib.closing(
+                make_context(self.model, self.path, n_ctx, n_batch, n_threads, verbose)))
+        except BundleError:
             self.close()
-            raise BundleError(f"{self.path}: llama.cpp cannot make a context of {n_ctx} positions ({e})") from None
+            raise
         self.n_ctx = self.ctx.n_ctx()
         self.n_batch = n_batch
         self.n_vocab = self.model.n_vocab()
@@ -227,8 +288,12 @@ class Decoder:
     def keep(self, n_units: int) -> None:
         """Forget everything after the first ``n_units`` units."""
         if n_units < len(self.units):
-            self.ctx.kv_cache_seq_rm(SEQ, n_positions(self.units[:n_units]), -1)
+            self._seq_rm(n_positions(self.units[:n_units]))
             self.units = self.units[:n_units]
+
+    def _seq_rm(self, start: int) -> None:
+        """Drop this sequence's KV cells from position ``start`` on (-1: all of them)."""
+        self.ctx.kv_cache_seq_rm(self.seq, start, -1)
 
     def common_prefix(self, units: Sequence[Unit]) -> int:
         """How many leading units of ``units`` the KV cache already holds."""
@@ -277,7 +342,7 @@ class Decoder:
         for i in range(n):
             raw.pos[i] = start + i
             raw.n_seq_id[i] = 1
-            raw.seq_id[i][0] = SEQ
+            raw.seq_id[i][0] = self.seq
             raw.logits[i] = False
         raw.logits[n - 1] = logits
         rc = self._llama_cpp.llama_decode(self.ctx.ctx, raw)
@@ -293,15 +358,24 @@ class Decoder:
         bad = [t for t in tokens if not 0 <= t < self.n_vocab]
         if bad:
             raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
-        self.ctx.kv_cache_seq_rm(SEQ, self.n_past, -1)  # what a failed call may have left past the mirror
-        ids = self._tokens.batch.token
+        self._seq_rm(self.n_past)  # what a failed call may have left past the mirror
         for start in range(0, len(tokens), self.n_batch):
             piece = tokens[start:start + self.n_batch]
             check_cancel(cancel)  # the mirror holds every batch decoded so far: a stop here leaves it true
-            for i, tok in enumerate(piece):
-                ids[i] = tok
-            self._decode(self._tokens, len(piece), self.n_past, start + len(piece) == len(tokens))
+            self._decode_ids(piece, self.n_past, start + len(piece) == len(tokens))
             self.units.extend(piece)
+
+    def _decode_ids(self, ids: Sequence[int], start: int, logits: bool) -> None:
+        """Decode token ``ids`` at positions ``start..``; logits for the last if asked."""
+        buf = self._tokens.batch.token
+        for i, tok in enumerate(ids):
+            buf[i] = tok
+        self._decode(self._tokens, len(ids), start, logits)
+
+    def _decode_rows(self, rows: np.ndarray, start: int, logits: bool) -> None:
+        """Decode image rows ``(n, n_embd)`` at positions ``start..``; logits for the last if asked."""
+        self._embd[:rows.size] = rows.reshape(-1)
+        self._decode(self._rows, len(rows), start, logits)
 
     def eval_rows(self, ref: ImageRef, rows: np.ndarray, cancel: Cancel = None) -> None:
         """Decode one image's rows ``(n, n_embd)`` float32 at ``n_past``, in pieces of at most ``n_batch``."""
@@ -311,12 +385,11 @@ class Decoder:
                               f"{self.n_embd}]: vision.onnx and llm.gguf come from different checkpoints")
         self._check_room(len(rows), f"an image ({len(rows)} rows)")
         start_pos = self.n_past
-        self.ctx.kv_cache_seq_rm(SEQ, start_pos, -1)
+        self._seq_rm(start_pos)
         for start in range(0, len(rows), self.n_batch):
             piece = rows[start:start + self.n_batch]
             check_cancel(cancel)  # a half-evaluated image is past the mirror: the next eval removes it
-            self._embd[:piece.size] = piece.reshape(-1)
-            self._decode(self._rows, len(piece), start_pos + start, start + len(piece) == len(rows))
+            self._decode_rows(piece, start_pos + start, start + len(piece) == len(rows))
         self.units.append(ref)
 
     # --- reading out -----------------------------------------------------------------------
@@ -366,27 +439,27 @@ class Decoder:
 
     def save_state(self) -> np.ndarray:
         """The KV state of what the cache holds, as bytes (``llama_state_seq_get_data``)."""
-        size = self._llama_cpp.llama_state_seq_get_size(self.ctx.ctx, SEQ)
+        size = self._llama_cpp.llama_state_seq_get_size(self.ctx.ctx, self.seq)
         out = np.empty(size, dtype=np.uint8)
         written = self._llama_cpp.llama_state_seq_get_data(
-            self.ctx.ctx, out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, SEQ)
+            self.ctx.ctx, out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, self.seq)
         return out[:written]
 
     def load_state(self, state: np.ndarray, units: Sequence[Unit]) -> bool:
         """Replace the cache with a saved state of ``units``; False (cache empty) if llama.cpp refuses it."""
         self.keep(0)
-        self.ctx.kv_cache_seq_rm(SEQ, -1, -1)
+        self._seq_rm(-1)
         state = np.ascontiguousarray(state, dtype=np.uint8)
         read = self._llama_cpp.llama_state_seq_set_data(
-            self.ctx.ctx, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), state.size, SEQ)
+            self.ctx.ctx, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), state.size, self.seq)
         if read == 0 or self._max_pos() != n_positions(units) - 1:
-            self.ctx.kv_cache_seq_rm(SEQ, -1, -1)
+            self._seq_rm(-1)
             return False
         self.units = list(units)
         return True
 
     def _max_pos(self) -> int:
-        return self._llama_cpp.llama_memory_seq_pos_max(self.ctx.memory, SEQ)
+        return self._llama_cpp.llama_memory_seq_pos_max(self.ctx.memory, self.seq)
 
     def close(self) -> None:
         self._stack.close()

@@ -8,6 +8,7 @@ bundle invalidates them, and two photos can never be mistaken for each other.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -41,12 +42,17 @@ class ImageEncoder:
         self.memory_items = memory_items
         self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
         self._session = None
+        self._lock = threading.RLock()  # sessions of a batched server share one encoder
 
     def _key(self, image_key: str) -> str:
         return entry_key("rows", self.model, image_key)
 
     def cached(self, image_key: str) -> np.ndarray | None:
         """Rows seen before (this process, or a checked store entry), else None."""
+        with self._lock:
+            return self._cached(image_key)
+
+    def _cached(self, image_key: str) -> np.ndarray | None:
         rows = self._memory.get(image_key)
         if rows is None:
             rows = self.store.get("rows", self._key(image_key),
@@ -58,7 +64,11 @@ class ImageEncoder:
 
     def rows(self, image: ImageData, timings: Timings | None = None) -> np.ndarray:
         """The image's rows: cached, or encoded now (and stored)."""
-        rows = self.cached(image.key)
+        with self._lock:  # one encode at a time; a second request for the same photo then finds it cached
+            return self._rows(image, timings)
+
+    def _rows(self, image: ImageData, timings: Timings | None) -> np.ndarray:
+        rows = self._cached(image.key)
         if rows is not None:
             if timings:
                 timings.images_from_cache += 1
@@ -104,6 +114,7 @@ class ImageEncoder:
 
     def release(self) -> None:
         """Free the ONNX session (it is reopened when another image comes)."""
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        with self._lock:
+            if self._session is not None:
+                self._session.close()
+                self._session = None

@@ -50,3 +50,14 @@ def fits_together(bundle, n_ctx: int) -> bool:
         return forced == "1"
     have = available_bytes()
     return have is not None and have > needed_together(bundle, n_ctx)
+
+
+def sequences_that_fit(bundle, n_ctx: int, most: int) -> int:
+    """How many sequences of ``n_ctx`` positions a batched server can hold beside the model and the vision
+    session in the memory available now (at least 1, at most ``most``; 1 where the memory is not known)."""
+    have = available_bytes()
+    if have is None:
+        return 1
+    one = needed_together(bundle, n_ctx)
+    per_sequence = needed_together(bundle, n_ctx) - needed_together(bundle, 0)
+    return max(1, min(most, 1 + (have - one) // max(1, per_sequence)))

@@ -51,7 +51,9 @@ class QwenVL:
     def __init__(self, bundle_dir: Path | str | None = None, n_threads: int | None = None,
                  n_ctx: int = validate.DEFAULT_N_CTX,
                  *, keep_vision: bool = True, cache_dir=DEFAULT_CACHE, seed: int | None = None,
-                 verbose: bool = False, use_mmap: bool = False, repack: bool = True):
+                 verbose: bool = False, use_mmap: bool = False, repack: bool = True, engines: tuple = (None, None)):
+        """``engines``: an ``(ImageEncoder, Decoder)`` pair to use instead of this object's own (a batched
+        server's shared vision session and one sequence of its context; see ``runtime/parallel.py``)."""
         self.bundle = Bundle.open(Path(bundle_dir).expanduser() if bundle_dir is not None else None)
         self.info = self.bundle.model
         n_ctx = validate.n_ctx(n_ctx, self.info.seq_length)
@@ -61,7 +63,8 @@ class QwenVL:
         self.seed = validate.seed(seed)
         self.store = Store(default_store_dir() if cache_dir is DEFAULT_CACHE else cache_dir)
         self.session = Session(self.bundle, self.store, n_ctx=n_ctx, n_threads=validate.n_threads(n_threads),
-                               keep_vision=keep_vision, verbose=verbose, use_mmap=use_mmap, repack=repack)
+                               keep_vision=keep_vision, verbose=verbose, use_mmap=use_mmap, repack=repack,
+                               encoder=engines[0], decoder=engines[1])
         self.history: list[Turn] = []
         self._guard = CallGuard("QwenVL")
         self.last_result: GenerationResult | None = None
@@ -157,7 +160,8 @@ class QwenVL:
                                top_k: int | None = None, stop: str | list[str] | None = None,
                                seed: int | None = None, cancel: Callable[[], bool] | None = None,
                                response_format: dict | None = None, logprobs: bool | None = None,
-                               top_logprobs: int | None = None) -> dict | Iterator[dict]:
+                               top_logprobs: int | None = None,
+                               on_result: Callable[[GenerationResult], None] | None = None) -> dict | Iterator[dict]:
         """OpenAI-style chat, shaped as ``llama_cpp.Llama.create_chat_completion`` returns it.
 
         ``messages``: system/user/assistant dicts; content a string or ``text`` / ``image_url`` parts.
@@ -169,6 +173,7 @@ class QwenVL:
         ``response_format``: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
         {"name", "schema", "strict"}}``, enforced by a llama.cpp grammar; ``logprobs`` / ``top_logprobs``
         (0..20): OpenAI's ``choices[0].logprobs.content``, of the model's own distribution.
+        ``on_result``: called with the finished ``GenerationResult`` (its timings), before the last chunk.
         """
         conv = chat_api.parse_messages(messages)
         request = self._request(conv.images, conv.question, conv.history, max_tokens, temperature, top_p, top_k,
@@ -180,6 +185,8 @@ class QwenVL:
                 for _ in self._start(request, cancel):
                     pass
                 r = self.last_result
+            if on_result is not None:
+                on_result(r)
             return chat_api.completion(ident, model, r.text, r.finish_reason, [b.to_dict() for b in r.boxes],
                                        _usage(r), r.logprobs)
 
@@ -195,6 +202,8 @@ class QwenVL:
             for piece in pieces:
                 yield chat_api.chunk(ident, model, {"content": piece}, logprobs=new_logprobs())
             r = self.last_result
+            if on_result is not None:
+                on_result(r)
             yield chat_api.chunk(ident, model, {}, r.finish_reason, [b.to_dict() for b in r.boxes], _usage(r),
                                  new_logprobs())
 

@@ -46,7 +46,9 @@ class Session:
 
     def __init__(self, bundle: Bundle, store: Store, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
                  keep_vision: bool = True, verbose: bool = False, use_mmap: bool = False, overlap: bool = True,
-                 repack: bool = True):
+                 repack: bool = True, encoder: ImageEncoder | None = None, decoder: Decoder | None = None):
+        """``encoder`` / ``decoder``: engines shared with other sessions (one sequence each of a batched
+        context, one vision session), instead of this session's own."""
         self.bundle = bundle
         self.info = bundle.model
         self.store = store
@@ -55,9 +57,10 @@ class Session:
         self.verbose = verbose
         self.use_mmap = use_mmap
         self.repack = repack
-        self.encoder = ImageEncoder(bundle.vision_path, bundle.vision_sha256, self.info.hidden_size,
-                                    self.info.n_queries, self.info.image_spec, store, n_threads, keep_vision)
-        self._decoder: Decoder | None = None
+        self.encoder = encoder or ImageEncoder(bundle.vision_path, bundle.vision_sha256, self.info.hidden_size,
+                                               self.info.n_queries, self.info.image_spec, store, n_threads,
+                                               keep_vision)
+        self._decoder: Decoder | None = decoder
         self._loader: threading.Thread | None = None  # a background GGUF load (see start_loading)
         self._loaded: tuple[Decoder | None, BaseException | None] = (None, None)
         self.overlap = overlap

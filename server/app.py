@@ -46,7 +46,7 @@ class ServerState:
         self.config = config
         self.model: Any = None
         self.created = int(time.time())
-        self.scheduler = Scheduler(config.limits.max_queue, config.limits.request_timeout_s)
+        self.scheduler = Scheduler(config.limits.max_queue, config.limits.request_timeout_s, config.parallel)
         self.images = ImageResolver(config)
         self.metrics = Metrics()
         self._load_model = load_model
@@ -110,7 +110,7 @@ def create_app(config: ServeConfig, load_model: Callable[[], Any],
 
     @app.get("/metrics")  # no API key, as /health: counts and sizes only, never a request's content
     async def metrics() -> Response:
-        text = state.metrics.render(state.scheduler.waiting, state.scheduler.running)
+        text = state.metrics.render(state.scheduler.waiting, state.scheduler.running, state.scheduler.parallel)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
@@ -153,8 +153,7 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
     """Check everything about the request, then hand it to the decoder thread."""
     config = state.config
     _check_model_name(body.model, config)
-    if body.n not in (None, 1):
-        raise bad_request("only n=1 is supported", "n")
+    n = _choices(body, state.scheduler.parallel)
     parts = body.image_parts()
     if len(parts) > config.limits.max_images:
         raise bad_request(f"{len(parts)} images in one request; this server accepts at most "
@@ -163,17 +162,20 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
     urls = {id(part): await state.images.resolve(part.url, param) for param, part in parts}
     messages = engine_messages(body, urls)
     args = body.engine_args()
+    metrics = state.metrics
+    if n > 1:
+        return await _several(state, model, messages, args, n, request)
     ticket = state.scheduler.admit()
     watcher = asyncio.create_task(_watch_disconnect(request, ticket))
-    metrics = state.metrics
+
+    def observe(result) -> None:  # the finished generation's timings, from whichever sequence ran it
+        metrics.observe(result.timings)
 
     def answer(stop: Callable[[], bool]) -> dict:
-        result = model.create_chat_completion(messages, cancel=stop, **args)
-        metrics.observe(model.last_result.timings)
-        return result
+        return model.create_chat_completion(messages, cancel=stop, on_result=observe, **args)
 
     def streamed(stop: Callable[[], bool]) -> Iterator[dict]:
-        return _observed(model.create_chat_completion(messages, stream=True, cancel=stop, **args), model, metrics)
+        return model.create_chat_completion(messages, stream=True, cancel=stop, on_result=observe, **args)
 
     try:
         if not body.stream:
@@ -195,18 +197,68 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _observed(chunks: Iterator[dict], model: Any, metrics: Metrics) -> Iterator[dict]:
-    """The engine's chunks; once they end, the finished generation's timings go into the metrics
-    (closing this closes the engine's stream)."""
-    yield from chunks
-    metrics.observe(model.last_result.timings)
+def _choices(body: ChatRequest, parallel: int) -> int:
+    """``n``, checked: more than one answer runs as that many sequences at once, answered together."""
+    n = 1 if body.n is None else body.n
+    if n < 1:
+        raise bad_request(f"n must be at least 1, got {n}", "n")
+    if n > parallel:
+        raise bad_request(f"n={n} but this server decodes at most {parallel} sequences together (serve --parallel)",
+                          "n")
+    if n > 1 and body.stream:
+        raise bad_request("n > 1 is answered whole: set stream to false", "n")
+    return n
 
 
-async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
-    """Set the ticket's cancel event the moment the client goes away (the server's ``http.disconnect``)."""
+async def _several(state: ServerState, model: Any, messages: list[dict], args: dict, n: int,
+                   request: Request) -> Response:
+    """``n`` answers to one request, each on its own sequence, decoded together; a seed gives the i-th
+    answer seed + i (so they differ, and the set is repeatable)."""
+    tickets: list[Ticket] = []
+    try:
+        for _ in range(n):
+            tickets.append(state.scheduler.admit())
+    except APIError:
+        for ticket in tickets:
+            ticket.release()
+        raise
+    watcher = asyncio.create_task(_watch_disconnect(request, *tickets))
+
+    def answer(i: int) -> Callable[[Callable[[], bool]], dict]:
+        seed = args["seed"] if args["seed"] is None else (args["seed"] + i) % 2**32
+        return lambda stop: model.create_chat_completion(messages, cancel=stop, on_result=observe,
+                                                         **{**args, "seed": seed})
+
+    def observe(result) -> None:
+        state.metrics.observe(result.timings)
+
+    try:
+        results = await asyncio.gather(*(state.scheduler.run(answer(i), t) for i, t in enumerate(tickets)))
+    except BaseException as e:
+        for ticket in tickets:
+            ticket.cancel.set()
+        if isinstance(e, Cancelled):
+            return Response(status_code=499)
+        if isinstance(e, QwenVLError):
+            raise engine_error(e) from None
+        raise
+    finally:
+        watcher.cancel()
+    merged = dict(results[0])
+    merged["choices"] = [{**r["choices"][0], "index": i} for i, r in enumerate(results)]
+    usage = dict(merged["usage"])
+    usage["completion_tokens"] = sum(r["usage"]["completion_tokens"] for r in results)
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    merged["usage"] = usage
+    return JSONResponse(_named(merged, state.config.model_id))
+
+
+async def _watch_disconnect(request: Request, *tickets: Ticket) -> None:
+    """Set the tickets' cancel events the moment the client goes away (the server's ``http.disconnect``)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    ticket.cancel.set()
+    for ticket in tickets:
+        ticket.cancel.set()
 
 
 async def _head(chunks: AsyncIterator[dict]) -> list[dict]:

@@ -3,21 +3,29 @@
 The port is bound and the bundle's manifest checked before anything slow, so a wrong folder or a
 port in use is one line on stderr, not a server that never answers. The model then loads on a
 thread while ``/health`` says 503; if loading fails, the server stops and the command exits 2.
+Each server claims its bundle's state file first (``registry``: one server per bundle, found by ``run``,
+``chat``, ``ps`` and ``stop``) and serves a ``keepalive.ResidentModel``, which unloads the engine after
+``--keep-alive`` idle seconds and loads it again for the next request.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
+import os
 import re
 import signal
 import socket
 import sys
+import time
 
 from qwenvl_edge import validate
 from qwenvl_edge.errors import QwenVLError
+from qwenvl_edge.server import registry
+from qwenvl_edge.server.keepalive import DEFAULT_KEEP_ALIVE, ResidentModel, add_status_route, parse_keep_alive
 from qwenvl_edge.server.options import config_from_args
 
 log = logging.getLogger("qwenvl_edge.server")
@@ -26,9 +34,9 @@ ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+")  # what a browser sends in
 
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 -- the extra's presence, checked before anything else
 
-        from qwenvl_edge.server.app import create_app
+        from qwenvl_edge.server.app import create_app  # noqa: F401
     except ImportError as e:
         raise QwenVLError(f"serve needs the server extra ({e.name} is not installed): "
                           "pip install 'qwenvl-edge[server]'") from None
@@ -37,11 +45,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
     _check(a)
     config = config_from_args(a)
     bundle = Bundle.open(a.bundle)  # a wrong folder is reported now, before the port opens
+    config = dataclasses.replace(config, parallel=a.parallel or default_parallel(bundle, a.n_ctx))
+    claim = registry.claim(bundle.folder)  # one server per bundle: a second one is refused here (exit 2)
+    try:
+        return _serve(a, config, bundle, claim)
+    finally:
+        claim.release()
+
+
+def _serve(a: argparse.Namespace, config, bundle, claim: registry.Claim) -> int:
+    """Bind, publish this server in its state file, serve until SIGINT / SIGTERM."""
+    import uvicorn
+
+    from qwenvl_edge.server.app import create_app
+
     sock = _bind(a.host, a.port)
     failures: list[BaseException] = []
+    keep_alive = getattr(a, "keep_alive", parse_keep_alive(DEFAULT_KEEP_ALIVE))
 
     def load_model():
-        return open_engine(bundle.folder, n_threads=a.threads, n_ctx=a.n_ctx, verbose=a.verbose)
+        return ResidentModel(lambda: open_engine(bundle.folder, n_threads=a.threads, n_ctx=a.n_ctx,
+                                                 verbose=a.verbose, parallel=config.parallel), keep_alive)
 
     def load_failed(e: BaseException) -> None:
         failures.append(e)
@@ -50,6 +74,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     # a server reports what it does (load time, clients that left) unless asked to be quiet
     log.setLevel(logging.DEBUG if a.verbose else logging.ERROR if a.quiet else logging.INFO)
     app = create_app(config, load_model, load_failed)
+    add_status_route(app, config.model_id)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -62,8 +87,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                    timeout_graceful_shutdown=3))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"qwenvl-edge: serving {config.model_id} on http://{shown}:{port} (page at /, API at /v1, loading the "
-          f"model: /health answers 503 until it is ready)", file=sys.stderr, flush=True)
+    claim.publish(_state(a, bundle.folder, host, port, keep_alive))
+    together = f"{config.parallel} requests decoded together" if config.parallel > 1 else "one request at a time"
+    print(f"qwenvl-edge: serving {config.model_id} on http://{shown}:{port} ({together}; page at /, API at /v1, "
+          f"loading the model: /health answers 503 until it is ready)", file=sys.stderr, flush=True)
     # uvicorn stops gracefully on SIGINT / SIGTERM, then raises the signal again: both end here with 0
     signal.signal(signal.SIGTERM, _interrupt)
     with contextlib.suppress(KeyboardInterrupt):
@@ -75,12 +102,32 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
-def open_engine(bundle_dir, **kwargs):
+def _state(a: argparse.Namespace, folder, host: str, port: int, keep_alive: float | None) -> dict:
+    """What ``run``, ``chat``, ``ps`` and ``stop`` read from the state file (never the API key itself)."""
+    near = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # where this machine's clients connect
+    url_host = f"[{near}]" if ":" in near else near
+    return {"pid": os.getpid(), "url": f"http://{url_host}:{port}", "host": host, "port": port,
+            "bundle": str(folder.expanduser().resolve()), "manifest_sha256": registry.manifest_sha256(folder),
+            "model": a.model_name, "n_ctx": a.n_ctx, "keep_alive_s": keep_alive, "api_key": a.api_key is not None,
+            "started": time.time(), "log": getattr(a, "log_file", None)}
+
+
+def default_parallel(bundle, n_ctx: int) -> int:
+    """``--parallel``'s default: as many sequences as fit in the memory available now, at most 4."""
+    from qwenvl_edge.runtime.memory import sequences_that_fit
+    from qwenvl_edge.runtime.parallel import MOST
+
+    return sequences_that_fit(bundle, n_ctx, MOST)
+
+
+def open_engine(bundle_dir, parallel: int = 1, **kwargs):
     """The engine, ready: one token through the public API loads the decoder now rather than on the
-    first request, and leaves the system prompt's KV prefix in place for it."""
+    first request, and leaves the system prompt's KV prefix in place for it. With ``parallel`` > 1, the
+    batched engine: that many requests decoded together."""
+    from qwenvl_edge.runtime.parallel import ParallelQwenVL
     from qwenvl_edge.runtime.pipeline import QwenVL
 
-    model = QwenVL(bundle_dir, **kwargs)
+    model = ParallelQwenVL(bundle_dir, parallel, **kwargs) if parallel > 1 else QwenVL(bundle_dir, **kwargs)
     try:
         model.create_chat_completion([{"role": "user", "content": "Hello"}], max_tokens=1, temperature=0)
     except BaseException:

@@ -18,7 +18,8 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
 HELP = {
     "qwenvl_requests_total": ("counter", "HTTP requests answered, by endpoint and status code"),
     "qwenvl_queue_depth": ("gauge", "requests waiting for the decoder"),
-    "qwenvl_sequences_running": ("gauge", "generations the decoder is running now (0 or 1)"),
+    "qwenvl_sequences_running": ("gauge", "generations running now, each on its own sequence"),
+    "qwenvl_sequences_max": ("gauge", "generations that can run together (serve --parallel)"),
     "qwenvl_generations_total": ("counter", "generations that ran to their end"),
     "qwenvl_image_encode_seconds_total": ("counter", "seconds spent encoding images"),
     "qwenvl_images_encoded_total": ("counter", "images encoded by the vision model"),
@@ -60,13 +61,14 @@ class Metrics:
             self.hits["rows"] += timings.images_from_cache
             self.hits["prefix"] += 1 if timings.restored_positions else 0
 
-    def render(self, waiting: int, running: int) -> str:
+    def render(self, waiting: int, running: int, most: int = 1) -> str:
         with self._lock:
             samples: dict[str, list[tuple[str, float]]] = {
                 "qwenvl_requests_total": [(f'{{endpoint="{e}",code="{c}"}}', n)
                                           for (e, c), n in sorted(self.requests.items())],
                 "qwenvl_queue_depth": [("", waiting)],
                 "qwenvl_sequences_running": [("", running)],
+                "qwenvl_sequences_max": [("", most)],
                 "qwenvl_generations_total": [("", self.generations)],
                 **{name: [("", value)] for name, value in self.engine.items()},
                 "qwenvl_cache_hits_total": [(f'{{kind="{k}"}}', n) for k, n in sorted(self.hits.items())],

@@ -37,6 +37,7 @@ class ServeConfig:
     allow_remote_images: bool = False
     limits: Limits = Limits()
     cors_origins: tuple[str, ...] = ()  # browser pages from these origins may call the API (none by default)
+    parallel: int = 1  # requests decoded together, one sequence each of one llama.cpp context
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -55,4 +56,4 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
     media = a.media_dir.expanduser().resolve() if a.media_dir else None
     return ServeConfig(model_id=a.model_name, api_key=a.api_key, media_dir=media,
                        allow_remote_images=a.allow_remote_images, limits=limits,
-                       cors_origins=tuple(getattr(a, "cors_origin", None) or ()))
+                       cors_origins=tuple(getattr(a, "cors_origin", None) or ()), parallel=a.parallel or 1)

@@ -1,9 +1,10 @@
-"""One decoder, many clients: a bounded line of requests in front of a single decoding thread.
+"""One decoder, many clients: a bounded line of requests in front of ``parallel`` decoding threads.
 
-llama.cpp holds one KV cache, so requests run one at a time, in arrival order, on one thread
-(the engine also serializes, but one thread here means a stream is always opened and closed by
-the same thread). At most ``1 + max_queue`` requests are admitted; the next one is told 503 with
-a ``Retry-After`` from the recent generation times.
+With ``parallel`` 1 requests run one at a time, in arrival order, on one thread; with N, up to N run
+at once, each on its own thread and its own sequence of the batched engine (``runtime/parallel.py``),
+which decodes them together. A stream is always opened and closed by the same thread. At most
+``parallel + max_queue`` requests are admitted; the next one is told 503 with a ``Retry-After``
+from the recent generation times.
 
 Every request ends at its deadline (``timeout_s`` after the decoder starts it), when its client
 goes (its ``cancel`` event set) or when the server shuts down, streamed or not: the engine asks
@@ -84,14 +85,20 @@ def shutting_down() -> APIError:
 
 
 class Scheduler:
-    def __init__(self, max_queue: int, timeout_s: float):
+    def __init__(self, max_queue: int, timeout_s: float, parallel: int = 1):
         self.max_queue = max_queue
         self.timeout_s = timeout_s
+        self.parallel = parallel
         self._admitted = 0  # touched only on the event loop's thread
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
+        self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="decoder")
         self._recent_s = 5.0  # moving average of a request's decoder time, for Retry-After
-        self.closing = False  # a plain flag: set from a signal handler, read by the decoder thread
-        self.running = 0  # requests the decoder thread is inside now (0 or 1), for /metrics
+        self.closing = False  # a plain flag: set from a signal handler, read by the decoder threads
+        self._running = 0  # requests the decoder threads are inside now (0 .. parallel), for /metrics
+        self._count = threading.Lock()
+
+    @property
+    def running(self) -> int:
+        return self._running
 
     @property
     def admitted(self) -> int:
@@ -99,15 +106,15 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        """Admitted requests the decoder has not started (the queue's depth)."""
+        """Admitted requests no decoder thread has started (the queue's depth)."""
         return max(0, self._admitted - self.running)
 
     def admit(self) -> Ticket:
-        """A place in the line, or 503 when ``max_queue`` requests already wait behind the running one."""
+        """A place in the line, or 503 when ``max_queue`` requests already wait behind the running ones."""
         if self.closing:
             raise shutting_down()
-        if self._admitted >= 1 + self.max_queue:
-            raise busy(max(1, math.ceil(self._recent_s * self._admitted)))
+        if self._admitted >= self.parallel + self.max_queue:
+            raise busy(max(1, math.ceil(self._recent_s * self._admitted / self.parallel)))
         self._admitted += 1
         return Ticket(self)
 
@@ -120,7 +127,8 @@ class Scheduler:
             raise ticket.outcome()
         started = time.monotonic()
         ticket.deadline = started + self.timeout_s
-        self.running += 1
+        with self._count:
+            self._running += 1
         try:
             return fn(ticket.stop)
         except CancelledError:
@@ -129,7 +137,8 @@ class Scheduler:
                 log.info("generation stopped: %s", "the client left" if isinstance(reason, Cancelled) else reason)
             raise reason from None
         finally:
-            self.running -= 1
+            with self._count:
+                self._running -= 1
             self._recent_s = 0.7 * self._recent_s + 0.3 * (time.monotonic() - started)
 
     async def run(self, fn: Callable[[Stop], T], ticket: Ticket) -> T:

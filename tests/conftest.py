@@ -22,6 +22,7 @@ TEST_HOME = Path(tempfile.mkdtemp(prefix="qwenvl-edge-test-home-"))
 os.environ["HOME"] = str(TEST_HOME / "home")
 os.environ["XDG_CACHE_HOME"] = str(TEST_HOME / "cache")
 os.environ.pop("QWENVL_EDGE_BUNDLE", None)  # the default bundle folder is the temp home's, never the user's
+os.environ.pop("XDG_STATE_HOME", None)  # chat history and server state files under each test's HOME, never the user's
 (TEST_HOME / "home").mkdir()
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BUILD_ROOT = REPO / "native-build"
+# QWENVL_NATIVE_BUILD_ROOT: another build root, so two checkouts or two people building at once do not share one
+BUILD_ROOT = Path(os.environ.get("QWENVL_NATIVE_BUILD_ROOT") or REPO / "native-build")
 BUILD_TIMEOUT = 900  # seconds; a first configure may download the llama.cpp headers (~80 s)
 _MISSING = [tool for tool in ("cmake", "ctest") if shutil.which(tool) is None]
 

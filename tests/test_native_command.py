@@ -10,12 +10,18 @@ What it pins down:
 - transparent PNGs (RGBA, LA, palette and gray with a tRNS colour) are composited onto white, as in Python;
 - a bundle whose manifest has another mean and std gives other rows, the same as Python's for that bundle;
 - bad input (a missing bundle, an unreadable image, an unknown option) is one line on stderr, nothing on stdout
-  and a non-zero exit.
+  and a non-zero exit;
+- speed settings as the Python runtime's (issue 26): the decoder loads while the images encode (--overlap,
+  QWENVL_EDGE_OVERLAP), mapped by default (--load), with as many threads as usable cores, and OpenMP's barriers
+  spin briefly (GOMP_SPINCOUNT) unless the user set otherwise; the answers stay golden.
 The binary comes from the shared host build (tests/native_build.py).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -142,3 +148,86 @@ def test_bad_input_is_one_line(native_cmd: Path, f32_bundle: Path, tmp_path: Pat
     err = proc.stderr.decode()
     assert proc.returncode != 0 and proc.stdout == b""
     assert err.count("\n") == 1 and err.startswith("qwenvl-native: error: ") and message in err, err
+
+
+# --- speed: the decoder loads beside the encoder, threads, OpenMP spinning (issue 26) ----------------------------
+
+
+def run_native_env(cmd: Path, *args: str | Path, env: dict | None = None, preexec_fn=None
+                   ) -> subprocess.CompletedProcess:
+    """``run_native`` with the OpenMP settings of the caller's environment left out unless ``env`` names them."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_DISPLAY_ENV", "QWENVL_EDGE_OVERLAP")}
+    return subprocess.run([str(cmd), "run", *map(str, args)], capture_output=True, timeout=300,
+                          env={**base, **(env or {})}, preexec_fn=preexec_fn)
+
+
+def stats_of(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stderr.decode().strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("flags, env, overlap, load", [
+    ([], {"QWENVL_EDGE_OVERLAP": "1"}, True, "map"),  # the default load: mapped, as `qwenvl-edge run`
+    ([], {"QWENVL_EDGE_OVERLAP": "0"}, False, "map"),
+    (["--overlap", "on", "--load", "read"], {"QWENVL_EDGE_OVERLAP": "0"}, True, "read"),  # the flag wins
+    (["--overlap", "off", "--load", "read"], {}, False, "read"),  # the phone order
+    (["--mmap", "--overlap", "on"], {}, True, "map"),
+])
+def test_decoder_loads_beside_the_encoder_with_the_same_answer(native_cmd: Path, f32_bundle: Path, golden,
+                                                               flags: list[str], env: dict, overlap: bool, load: str):
+    """Catches a decoder that loads only after the vision step (time to first token), a load on the other thread
+    that changes the answer, and --load / --overlap / QWENVL_EDGE_OVERLAP that do not do what they say."""
+    c = golden.cases["one_image"]
+    images = [golden.images[name] for name in c["images"]]
+    proc = run_native_env(native_cmd, f32_bundle, *images, c["text"], "--greedy", "--max-tokens",
+                          golden.max_new_tokens, "--threads", "2", "--stats", *flags, env=env)
+    assert proc.stdout.decode("utf-8") == c["generated_text"] + "\n"
+    stats = stats_of(proc)
+    assert (stats["overlap"], stats["load"], stats["mmap"]) == (overlap, load, load == "map")
+    assert stats["decoder_load_ms"] > 0 and stats["decoder_wait_ms"] >= 0
+
+
+@pytest.mark.parametrize("flag, message", [(["--load", "mmap"], "--load mmap: expected map or read"),
+                                           (["--overlap", "yes"], "--overlap yes: expected auto, on or off"),
+                                           (["--load"], "--load needs a value")])
+def test_bad_load_options_are_one_line(native_cmd: Path, f32_bundle: Path, flag: list[str], message: str):
+    proc = run_native(native_cmd, f32_bundle, "hi", *flag)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and proc.stdout == b"" and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("cpus, flags, threads", [(1, [], 1), (2, [], 2), (1, ["--threads", "3"], 3)])
+def test_decoder_threads_default_to_the_usable_cores(native_cmd: Path, f32_bundle: Path, cpus: int,
+                                                     flags: list[str], threads: int):
+    """Catches a default that counts every online core (hardware_concurrency) instead of the affinity mask, as
+    the Python runtime does: more decoder threads than usable cores make every barrier wait on a thread that
+    is not running."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < cpus:
+        pytest.skip(f"needs {cpus} usable cores")
+    proc = run_native_env(native_cmd, f32_bundle, "hi", "--max-tokens", "2", "--stats", *flags,
+                          preexec_fn=lambda: os.sched_setaffinity(0, usable[:cpus]))
+    assert stats_of(proc)["n_threads"] == threads
+
+
+@pytest.mark.parametrize("env, spin, displayed", [
+    ({}, "GOMP_SPINCOUNT=10000", "10000"),  # the command's own short spin, seen by libgomp after the re-exec
+    ({"GOMP_SPINCOUNT": "777"}, "GOMP_SPINCOUNT=777", "777"),  # the user's wins
+    ({"OMP_WAIT_POLICY": "active"}, "OMP_WAIT_POLICY=active", None),
+])
+def test_openmp_threads_spin_briefly_unless_the_user_says(native_cmd: Path, f32_bundle: Path, golden, env: dict,
+                                                          spin: str, displayed: str | None):
+    """Catches libgomp's default 300000-round busy-wait at every barrier, which collapses decoding when another
+    process wants a core (0.51 tok/s measured), and a command that overrides the user's own setting."""
+    c = golden.cases["text_only"]
+    proc = run_native_env(native_cmd, f32_bundle, c["text"], "--greedy", "--max-tokens", golden.max_new_tokens,
+                          "--stats", env={**env, "OMP_DISPLAY_ENV": "verbose"})
+    assert proc.stdout.decode("utf-8") == c["generated_text"] + "\n"
+    stats = stats_of(proc)
+    if stats["omp_spin"] == "no libgomp":
+        pytest.skip("llama.cpp is built without libgomp here")
+    assert stats["omp_spin"] == spin
+    seen = re.findall(r"GOMP_SPINCOUNT = '(\d+)'", proc.stderr.decode())
+    if displayed is not None:
+        assert seen[-1] == displayed, seen  # what libgomp itself read in the process that decoded

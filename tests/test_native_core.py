@@ -5,7 +5,9 @@ What it pins down:
   libllama of the installed llama-cpp-python (only our small sources compile), into
   ``<repo>/native-build/`` which is kept between runs;
 - ctest passes: the native test groups (bad input, tokenizer, prompt and greedy parity with the
-  golden, the KV cache across turns, preprocessing) and the Java smoke test through JNI;
+  golden, the KV cache across turns, preprocessing) and the Java smoke test through JNI, which runs the
+  device pipeline (image file or bytes -> vision -> vision freed -> decoder -> answer) golden-exact on the F32
+  bundle, and with ``open(..., "q8_0", true)`` the same answers as ``qwenvl-native --kv q8_0 --mmap``;
 - through ctypes: the native prompt ids equal the golden ``input_ids`` for every case, the greedy
   ids equal ``generated_ids`` for the image and text cases, a follow-up turn decodes only its new
   tokens and gives what llama-cpp-python gives on the same ids, and a checkpoint of other sizes works;
@@ -38,6 +40,7 @@ IMAGE_ROWS = contract.N_QUERIES
 PROMPT_FIXTURE = REPO / "tests" / "data" / "multi_turn_prompt.json"
 IMAGE_POSITION = -1
 GREEDY_CASES = ["one_image", "two_images", "text_only", "grounding"]  # golden/README: ids identical in F32
+JAVA_PIPELINE_CASES = ["one_image", "two_images", "text_only"]  # NativeSmokeTest: image -> vision -> answer
 STOP_IDS = {contract.EOS_ID, contract.IM_START_ID, contract.IM_END_ID}
 
 pytestmark = needs_cmake
@@ -117,15 +120,35 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Path
     return write_llm_gguf(CheckpointReader(tiny_ckpt), tmp_path_factory.mktemp("native_gguf") / "tiny-F32.gguf", "F32")
 
 
-@pytest.fixture(scope="module")
-def test_data(tmp_path_factory: pytest.TempPathFactory, golden, tiny_gguf: Path, tiny_ckpt: Path) -> Path:
-    n_embd = CheckpointReader(tiny_ckpt).config.hidden_size
-    return write_test_data(tmp_path_factory.mktemp("native_data"), golden, tiny_gguf, n_embd)
+def write_pipeline_data(folder: Path, golden, bundle: Path, native_cmd: Path) -> None:
+    """For the Java smoke test's device pipeline (image file -> vision -> answer through JNI): the F32 bundle's
+    files, the golden image files, and for each golden case the answer ``qwenvl-native run --kv q8_0 --mmap``
+    gives (JNI ``open(..., "q8_0", true)`` must give the same: the KV type and the mapping reach the core).
+    Written to ``pipeline.txt``, read by NativeSmokeTest only."""
+    lines = [f"bundle_vision {bundle / contract.VISION_FILE}", f"bundle_gguf {bundle / contract.LLM_FILE}"]
+    lines += [f"image_file {name} {path}" for name, path in golden.images.items()]
+    for name in JAVA_PIPELINE_CASES:
+        c = golden.cases[name]
+        proc = subprocess.run([str(native_cmd), "run", str(bundle), *(str(golden.images[i]) for i in c["images"]),
+                               c["text"], "--greedy", "--max-tokens", str(golden.max_new_tokens), "--threads", "2",
+                               "--ctx", "1024", "--kv", "q8_0", "--mmap"], capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr.decode()
+        lines.append(f"q8_0_text {name} {proc.stdout.decode('utf-8').removesuffix(chr(10)).encode().hex()}")
+    (folder / "pipeline.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")  # beside cases.txt (C++ reads that)
 
 
 @pytest.fixture(scope="module")
 def host_build() -> Path:
     return build_native(BUILD_ROOT / "host")
+
+
+@pytest.fixture(scope="module")
+def test_data(tmp_path_factory: pytest.TempPathFactory, golden, tiny_gguf: Path, tiny_ckpt: Path, f32_bundle: Path,
+              host_build: Path) -> Path:
+    n_embd = CheckpointReader(tiny_ckpt).config.hidden_size
+    folder = write_test_data(tmp_path_factory.mktemp("native_data"), golden, tiny_gguf, n_embd)
+    write_pipeline_data(folder, golden, f32_bundle, host_build / "qwenvl-native")
+    return folder
 
 
 # --- ctypes over the C API ------------------------------------------------------------------------

@@ -243,7 +243,9 @@ SHAPE_CASES = {
     "temperature string": ({"model": MODEL, "messages": user("hi"), "temperature": "hot"}, "temperature", None),
     "max_tokens float": ({"model": MODEL, "messages": user("hi"), "max_tokens": 2.5}, "max_tokens", None),
     "stream string": ({"model": MODEL, "messages": user("hi"), "stream": "yes"}, "stream", None),
-    "n=2": ({"model": MODEL, "messages": user("hi"), "n": 2}, "n", None),
+    "n=0": ({"model": MODEL, "messages": user("hi"), "n": 0}, "n", None),
+    "n past --parallel": ({"model": MODEL, "messages": user("hi"), "n": 99}, "n", None),
+    "n=2 streamed": ({"model": MODEL, "messages": user("hi"), "n": 2, "stream": True}, "n", None),
 }
 
 

@@ -1,7 +1,7 @@
-"""A bounded load test: 16 clients at once for 5 rounds, images and text mixed, streamed and not, some
-leaving mid-stream. Every request gets a full answer or a 503; the server keeps answering (the
-golden answer, exactly, afterwards); its resident memory after round 5 is within 64 MB of round 2;
-nothing is logged as an unhandled exception.
+"""A bounded load test, one request at a time and four decoded together (--parallel 4): 16 clients at
+once for 5 rounds, images and text mixed, streamed and not, some leaving mid-stream. Every request gets
+a full answer or a 503; the server keeps answering (the golden answer, exactly, afterwards); its
+resident memory after round 5 is within 64 MB of round 2; nothing is logged as an unhandled exception.
 
 Bounded: 16 x 5 = 80 requests of at most 8 tokens each, on 127.0.0.1 only.
 """
@@ -25,9 +25,10 @@ ROUNDS = 5
 RSS_GROWTH_LIMIT = 64 * 2**20
 
 
-@pytest.fixture(scope="module")
-def server(f32_bundle, tmp_path_factory):
-    s = ServerProcess(f32_bundle, tmp_path_factory.mktemp("load"), "--max-queue", "10")
+@pytest.fixture(scope="module", params=["1", "4"], ids=["one-at-a-time", "parallel-4"])
+def server(request, f32_bundle, tmp_path_factory):
+    """One request at a time, and four decoded together (continuous batching), each under the same load."""
+    s = ServerProcess(f32_bundle, tmp_path_factory.mktemp("load"), "--max-queue", "10", "--parallel", request.param)
     yield s
     s.stop()
 

@@ -24,8 +24,9 @@ LONG = 1500  # tokens: far more than the tests wait for; the random model rarely
 
 @pytest.fixture(scope="module")
 def strict(f32_bundle, tmp_path_factory):
-    """Defaults for image sources (data: only), no API key, one request may wait behind the running one."""
-    s = ServerProcess(f32_bundle, tmp_path_factory.mktemp("strict"), "--max-queue", "1")
+    """Defaults for image sources (data: only), no API key, one request at a time (--parallel 1) and one
+    may wait behind it."""
+    s = ServerProcess(f32_bundle, tmp_path_factory.mktemp("strict"), "--max-queue", "1", "--parallel", "1")
     yield s
     assert s.stop() == 0
     assert "Traceback" not in s.log(), s.log()

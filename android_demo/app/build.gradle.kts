@@ -34,6 +34,37 @@ val llamaCppDir: String = run {
 
 val armArch: String = (findProperty("qwenvl.armArch") as String?) ?: "armv8.2-a+dotprod+fp16"
 
+// ONNX Runtime for the native vision step. The app has no ONNX Runtime Java code: libqwenvl_core.so runs
+// vision.onnx through ONNX Runtime's C API (native/src/vision_encoder.cpp, the code `qwenvl-native` and the
+// ARM64 tests run) and links the C library libonnxruntime.so. That file is taken out of the onnxruntime-android
+// AAR (jni/arm64-v8a/libonnxruntime.so; the release pinned in gradle/libs.versions.toml, the desktop runtime's),
+// handed to CMake as QWENVL_ORT_LIBRARY (native/cmake/QwenvlOrt.cmake imports it as qwenvl::onnxruntime) and
+// packaged beside libqwenvl_core.so (jniLibs below). By hand, the same with the NDK:
+//   unzip -j onnxruntime-android-1.32.0.aar jni/arm64-v8a/libonnxruntime.so -d ort/
+//   cmake ... -DQWENVL_ORT_LIBRARY=$PWD/ort/libonnxruntime.so   (android_demo/README.md, "Native build")
+val onnxruntimeAar: Configuration by configurations.creating {
+    isCanBeConsumed = false
+    isTransitive = false  // the .so only: none of the AAR's Java dependencies
+}
+dependencies {
+    onnxruntimeAar(variantOf(libs.onnxruntime.android) { artifactType("aar") })
+}
+val onnxruntimeJniLibs: File = layout.buildDirectory.dir("onnxruntime/jniLibs").get().asFile
+// Extracted while Gradle configures the project: CMake (configured at sync and at build) needs the file then.
+val onnxruntimeLibrary: File = onnxruntimeJniLibs.resolve("arm64-v8a/libonnxruntime.so").also { lib ->
+    if (!lib.isFile) {
+        copy {
+            from(zipTree(onnxruntimeAar.singleFile)) {
+                include("jni/arm64-v8a/libonnxruntime.so")
+                eachFile { path = path.removePrefix("jni/") }
+                includeEmptyDirs = false
+            }
+            into(onnxruntimeJniLibs)
+        }
+    }
+    if (!lib.isFile) throw GradleException("${onnxruntimeAar.singleFile} has no jni/arm64-v8a/libonnxruntime.so")
+}
+
 android {
     namespace = "ai.qwenvledge.demo"
     compileSdk = libs.versions.compileSdk.get().toInt()
@@ -69,6 +100,8 @@ android {
                     "-DBUILD_SHARED_LIBS=OFF",
                     "-DQWENVL_BUILD_JNI=ON",
                     "-DQWENVL_BUILD_TESTS=OFF",
+                    // The vision step in the core: the AAR's libonnxruntime.so (see onnxruntimeAar above).
+                    "-DQWENVL_ORT_LIBRARY=${onnxruntimeLibrary.absolutePath}",
                 )
                 // libqwenvl_jni.so (System.loadLibrary("qwenvl_jni") in QwenVLNative) and the
                 // libqwenvl_core.so it links; both are packaged, the loader finds the second itself.
@@ -88,6 +121,8 @@ android {
         getByName("main") {
             // ai.qwenvledge.QwenVLNative (and the host-only NativeSmokeTest, which R8 drops).
             java.srcDir(repoRoot.resolve("native/java"))
+            // lib/arm64-v8a/libonnxruntime.so, which libqwenvl_core.so needs at load time.
+            jniLibs.srcDir(onnxruntimeJniLibs)
         }
     }
 
@@ -111,6 +146,8 @@ android {
         jniLibs {
             // Models are memory-mapped from files; native libraries load straight from the APK.
             useLegacyPackaging = false
+            // AGP may also package the imported library CMake links: one copy.
+            pickFirsts += "lib/*/libonnxruntime.so"
         }
     }
 }
@@ -131,7 +168,6 @@ dependencies {
     implementation(libs.androidx.compose.ui.graphics)
     implementation(libs.androidx.compose.material3)
     implementation(libs.kotlinx.coroutines.android)
-    implementation(libs.onnxruntime.android)
     debugImplementation(libs.androidx.compose.ui.tooling)
 
     testImplementation(libs.junit)

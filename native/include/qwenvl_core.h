@@ -127,8 +127,12 @@ typedef struct qwenvl_result {
  * call with token -1 brings U+FFFD. Return 0 to go on, non-zero to stop after this token. */
 typedef int (*qwenvl_token_callback)(const char* piece, int32_t piece_len, int32_t token, void* user_data);
 
-/* Defaults: n_ctx 2048, n_threads 0 (all cores), n_batch 512, kv_type QWENVL_KV_F16, use_mmap 0. */
+/* Defaults: n_ctx 2048, n_threads 0 (the cores this process may run on), n_batch 512, kv_type
+ * QWENVL_KV_F16, use_mmap 0. */
 QWENVL_API qwenvl_open_params qwenvl_open_default_params(void);
+
+/* What n_threads 0 means: the cores this process may run on (its affinity mask, where the OS has one). */
+QWENVL_API int32_t qwenvl_default_threads(void);
 
 /* Defaults: max_tokens 512, temperature 1.0, top_p 0.3, seed 0. */
 QWENVL_API qwenvl_generate_params qwenvl_generate_default_params(void);

@@ -1,6 +1,9 @@
 // session.cpp - see session.h.
 #include "session.h"
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <algorithm>
 #include <chrono>
 #include <cerrno>
@@ -76,8 +79,16 @@ const ModelContract& check_qwen_vl(const llama_model* model, const llama_vocab* 
     return c;
 }
 
+// 0 -> the cores this process may run on (its affinity mask, as the Python runtime's default_threads): in a
+// container or under taskset hardware_concurrency() counts every online core, and more decoder threads than
+// usable cores make llama.cpp's spinning barriers wait on threads that are not running.
 int32_t resolve_threads(int32_t n_threads) {
     if (n_threads > 0) return n_threads;
+#if defined(__linux__)
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
     const unsigned hw = std::thread::hardware_concurrency();
     return hw > 0 ? static_cast<int32_t>(hw) : 1;
 }
@@ -330,3 +341,5 @@ void Session::reset() {
 }
 
 }  // namespace qwenvl
+
+extern "C" int32_t qwenvl_default_threads(void) { return qwenvl::resolve_threads(0); }

@@ -2,11 +2,15 @@
 //
 // image file -> upright RGB (image_file.cpp) -> pixels (qwenvl_preprocess_image, Pillow-exact) ->
 // image rows (qwenvl_vision_*, ONNX Runtime's C API on the bundle's vision graph) -> the vision session
-// is freed -> decoder (qwenvl_open / qwenvl_generate on the bundle's GGUF) -> the answer streamed to
-// stdout. Only the answer goes to stdout; an error is one line on stderr and a non-zero exit.
+// is freed -> decoder (qwenvl_generate on the bundle's GGUF) -> the answer streamed to stdout. As
+// `qwenvl-edge run` does, the decoder (qwenvl_open) loads on a thread of its own while the images encode
+// when the memory holds both, and the GGUF is mapped as it is (`--load read`: read and repacked;
+// `--overlap off`: the phone order, the vision session freed before the decoder loads).
+// Only the answer goes to stdout; an error is one line on stderr and a non-zero exit.
 #include <sys/resource.h>
 #include <unistd.h>
 #if defined(__GLIBC__)
+#include <link.h>
 #include <malloc.h>
 #endif
 
@@ -20,6 +24,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "image_file.h"
@@ -35,8 +40,8 @@ using Clock = std::chrono::steady_clock;
 
 const char* const kUsage =
     "usage: qwenvl-native run BUNDLE [IMAGE...] QUESTION [--greedy] [--max-tokens N] [--temperature T]\n"
-    "                         [--seed N] [--threads N] [--ctx N] [--kv f16|q8_0] [--mmap] [--stats] [-v]\n"
-    "                         [--rows-out FILE] [--vision-only]\n"
+    "                         [--seed N] [--threads N] [--ctx N] [--kv f16|q8_0] [--load map|read]\n"
+    "                         [--overlap auto|on|off] [--stats] [-v] [--rows-out FILE] [--vision-only]\n"
     "\n"
     "Answers QUESTION about the images with the bundle (a folder written by `qwenvl-edge export`), all in\n"
     "native code: image -> vision.onnx (ONNX Runtime) -> llm.gguf (llama.cpp). The answer is streamed to stdout.\n"
@@ -45,11 +50,16 @@ const char* const kUsage =
     "  --max-tokens N    most tokens to generate (default: the bundle's max_new_tokens)\n"
     "  --temperature T   sampling temperature (default 1.0; top_p from the bundle)\n"
     "  --seed N          sampling seed (default 0)\n"
-    "  --threads N       CPU threads for vision and decoder (default: all cores)\n"
+    "  --threads N       CPU threads for vision and decoder (default: the cores this process may use)\n"
     "  --ctx N           context positions (default 2048)\n"
     "  --kv f16|q8_0     KV cache type (default f16; q8_0 halves its memory, the phone setting)\n"
-    "  --mmap            map the GGUF and use it as it is (no repacking): the weights stay file pages the\n"
-    "                    OS can drop under memory pressure; default: read them (repacked for the CPU)\n"
+    "  --load map|read   map: map the GGUF and use it as it is (the default, as `qwenvl-edge run`: starts in\n"
+    "                    seconds, the weights stay file pages the OS can drop under memory pressure);\n"
+    "                    read: read it and let llama.cpp repack it for the CPU (decodes faster, loads slower)\n"
+    "  --mmap            the same as --load map\n"
+    "  --overlap auto|on|off  load the decoder while the images encode (auto, the default: when the memory\n"
+    "                    available holds both, or as QWENVL_EDGE_OVERLAP=0/1 says); off: free the vision\n"
+    "                    session first (the phone order)\n"
     "  --stats           one JSON line of timings and peak memory on stderr at the end\n"
     "  -v                llama.cpp's info log on stderr\n"
     "  --rows-out FILE   also write the image rows, float32 little-endian [images, rows, width]\n"
@@ -70,7 +80,8 @@ struct Options {
     int threads = 0;
     int ctx = 2048;
     int kv_type = QWENVL_KV_F16;
-    bool mmap = false;
+    bool mmap = true;  // --load map (the default) or read
+    enum class Overlap { Auto, On, Off } overlap = Overlap::Auto;
     bool stats = false;
     bool verbose = false;
     std::string rows_out;
@@ -117,6 +128,17 @@ Options parse_args(int argc, char** argv) {
             if (t.empty() || *end != '\0' || !std::isfinite(o.temperature) || o.temperature < 0 || o.temperature > 100) {
                 throw UsageError("--temperature " + t + ": expected a number in 0..100");
             }
+        } else if (a == "--load") {
+            const std::string l = value();
+            if (l == "map") o.mmap = true;
+            else if (l == "read") o.mmap = false;
+            else throw UsageError("--load " + l + ": expected map or read");
+        } else if (a == "--overlap") {
+            const std::string v = value();
+            if (v == "auto") o.overlap = Options::Overlap::Auto;
+            else if (v == "on") o.overlap = Options::Overlap::On;
+            else if (v == "off") o.overlap = Options::Overlap::Off;
+            else throw UsageError("--overlap " + v + ": expected auto, on or off");
         } else if (a == "--kv") {
             const std::string k = value();
             if (k == "f16") o.kv_type = QWENVL_KV_F16;
@@ -144,6 +166,10 @@ struct BundleFacts {
     float std_[3] = {0, 0, 0};
     float top_p = 0.3f;
     int max_new_tokens = 512;
+    double vision_bytes = 0;  // the vision graph and its external data (vision.onnx*)
+    double llm_bytes = 0;
+    double hidden_size = 4096;
+    double n_layers = 32;  // source.config.num_hidden_layers
 };
 
 std::string read_text(const std::string& path) {
@@ -220,6 +246,17 @@ BundleFacts read_bundle(const std::string& folder) {
     };
     b.vision_path = part("vision", "vision.onnx");
     b.llm_path = part("llm", "llm.gguf");
+    b.llm_bytes = static_cast<double>(file_size(b.llm_path));
+    const std::string vision_name = b.vision_path.substr(folder.size() + 1);
+    for (const auto& [name, entry] : files->object) {
+        const JsonValue* bytes = entry.get("bytes");
+        if (name.rfind(vision_name, 0) == 0 && bytes && bytes->kind == JsonValue::Kind::Number) b.vision_bytes += bytes->number;
+    }
+    if (model->get("hidden_size")) b.hidden_size = number("hidden_size", 1, 1 << 20);
+    const JsonValue* source = m.get("source");
+    const JsonValue* config = source ? source->get("config") : nullptr;
+    const JsonValue* layers = config ? config->get("num_hidden_layers") : nullptr;
+    if (layers && layers->kind == JsonValue::Kind::Number && layers->number >= 1) b.n_layers = layers->number;
     return b;
 }
 
@@ -245,6 +282,125 @@ long peak_rss_kb() {
     throw std::runtime_error(std::string(what) + ": " + qwenvl_last_error());
 }
 
+// --- loading the decoder while the images encode ---------------------------------------------------------
+
+// MemAvailable from /proc/meminfo in bytes; -1 where it is not known.
+double available_bytes() {
+    std::ifstream meminfo("/proc/meminfo");
+    std::string key, unit;
+    double kb = 0;
+    while (meminfo >> key >> kb) {
+        if (key == "MemAvailable:") return kb * 1024;
+        std::getline(meminfo, unit);
+    }
+    return -1;
+}
+
+// Whether the decoder may load while the images encode, the two resident at once. --overlap on/off, else
+// QWENVL_EDGE_OVERLAP=0/1, else the Python runtime's rule (runtime/memory.py): the memory available now must hold
+// the GGUF, 2.5 x the vision files (ONNX Runtime keeps prepacked copies), the KV cache and 1 GiB to spare.
+bool overlap_fits(const Options& o, const BundleFacts& b) {
+    if (o.overlap != Options::Overlap::Auto) return o.overlap == Options::Overlap::On;
+    const char* forced = std::getenv("QWENVL_EDGE_OVERLAP");
+    if (forced != nullptr && (std::strcmp(forced, "0") == 0 || std::strcmp(forced, "1") == 0)) return forced[0] == '1';
+    const double kv_bytes_per_value = o.kv_type == QWENVL_KV_Q8_0 ? 1.0625 : 2.0;
+    const double kv = 2 * b.n_layers * b.hidden_size * kv_bytes_per_value * o.ctx;
+    const double need = b.llm_bytes + 2.5 * b.vision_bytes + kv + 1073741824.0;
+    const double have = available_bytes();
+    return have > need;
+}
+
+// qwenvl_open, on a thread of its own or on the caller's. Its error message is thread-local, so the loading
+// thread keeps a copy; a session nobody collected is closed (after the load ends) by the destructor.
+class DecoderLoad {
+public:
+    DecoderLoad(std::string path, const qwenvl_open_params& params) : path_(std::move(path)), params_(params) {}
+    DecoderLoad(const DecoderLoad&) = delete;
+    DecoderLoad& operator=(const DecoderLoad&) = delete;
+    ~DecoderLoad() {
+        if (thread_.joinable()) thread_.join();
+        if (session_ != nullptr) qwenvl_close(session_);
+    }
+
+    void start() { thread_ = std::thread([this] { load(); }); }
+
+    // The session (loaded here unless start() ran); throws the load's error.
+    qwenvl_session* take() {
+        if (thread_.joinable()) thread_.join();
+        else if (session_ == nullptr && error_.empty()) load();
+        if (session_ == nullptr) throw std::runtime_error("decoder: " + error_);
+        qwenvl_session* s = session_;
+        session_ = nullptr;
+        return s;
+    }
+
+    double load_ms() const { return load_ms_; }
+
+private:
+    void load() {
+        const auto t0 = Clock::now();
+        if (qwenvl_open(path_.c_str(), &params_, &session_) != QWENVL_OK) {
+            error_ = qwenvl_last_error();
+            session_ = nullptr;
+        }
+        load_ms_ = ms_since(t0);
+    }
+
+    std::string path_;
+    qwenvl_open_params params_;
+    std::thread thread_;
+    qwenvl_session* session_ = nullptr;
+    std::string error_;
+    double load_ms_ = 0;
+};
+
+// The decoder's thread count for --threads 0: the core's own rule (the cores this process may run on).
+int resolved_threads(int threads) { return threads > 0 ? threads : qwenvl_default_threads(); }
+
+// --- OpenMP's spinning ----------------------------------------------------------------------------------
+//
+// llama.cpp's CPU threads are OpenMP's (libgomp) in the llama-cpp-python build the host links, and every ggml
+// barrier busy-waits GOMP_SPINCOUNT rounds of `pause` (300000 by default: 3 ms by libgomp's estimate, several
+// more on CPUs with a slow `pause`) before the thread sleeps. When a third process wants a core, the waiting
+// thread burns its core while the thread it waits for is not running, every barrier, hundreds per token: two
+// threads beside one busy process decoded at 0.51 tok/s. A short spin keeps the idle speed (the threads of one
+// graph meet within microseconds) and gives the core away under contention. libgomp reads it once, when it is
+// loaded, before main runs, so the command sets it and starts itself again; a user's GOMP_SPINCOUNT or
+// OMP_WAIT_POLICY wins, and without libgomp (other OpenMP runtimes, ggml's own threads) nothing changes.
+
+constexpr const char* kOmpSpinCount = "10000";  // 0.1 ms by libgomp's estimate
+
+bool libgomp_loaded() {
+#if defined(__GLIBC__)
+    return dl_iterate_phdr(
+               [](dl_phdr_info* info, size_t, void*) {
+                   return info->dlpi_name != nullptr && std::strstr(info->dlpi_name, "libgomp") != nullptr ? 1 : 0;
+               },
+               nullptr) != 0;
+#else
+    return false;
+#endif
+}
+
+// What governs the spinning: "GOMP_SPINCOUNT=N", "OMP_WAIT_POLICY=..", "libgomp default" or "no libgomp".
+std::string omp_spin_setting() {
+    if (const char* spin = std::getenv("GOMP_SPINCOUNT")) return std::string("GOMP_SPINCOUNT=") + spin;
+    if (const char* policy = std::getenv("OMP_WAIT_POLICY")) return std::string("OMP_WAIT_POLICY=") + policy;
+    return libgomp_loaded() ? "libgomp default" : "no libgomp";
+}
+
+// Sets GOMP_SPINCOUNT and re-executes this program, once; returns when nothing needs doing or exec failed.
+void bound_omp_spinning(char** argv) {
+#if defined(__linux__)
+    if (std::getenv("GOMP_SPINCOUNT") != nullptr || std::getenv("OMP_WAIT_POLICY") != nullptr || !libgomp_loaded()) return;
+    if (setenv("GOMP_SPINCOUNT", kOmpSpinCount, 1) != 0) return;
+    execv("/proc/self/exe", argv);
+    unsetenv("GOMP_SPINCOUNT");  // exec failed: go on with libgomp's own setting, and say so in --stats
+#else
+    (void)argv;
+#endif
+}
+
 struct Stream {
     Clock::time_point start;
     double first_token_ms = -1;
@@ -259,8 +415,9 @@ int on_token(const char* piece, int32_t len, int32_t /*token*/, void* user) {
 }
 
 // Image files -> rows [n_rows * n_embd] per image; the vision session lives only inside this call.
+// `decoder`, when given, starts loading once the files are read (a bad image fails before any load).
 std::vector<std::vector<float>> encode_images(const Options& o, const BundleFacts& b, int32_t* n_rows, int32_t* n_embd,
-                                              double* load_ms, double* encode_ms) {
+                                              double* load_ms, double* encode_ms, DecoderLoad* decoder) {
     std::vector<qwenvl::tool::RgbImage> pictures;
     for (const std::string& path : o.images) {
         try {
@@ -269,6 +426,7 @@ std::vector<std::vector<float>> encode_images(const Options& o, const BundleFact
             throw std::runtime_error(path + ": " + e.what());
         }
     }
+    if (decoder != nullptr) decoder->start();
     const auto t0 = Clock::now();
     qwenvl_vision* vision = nullptr;
     if (qwenvl_vision_open(b.vision_path.c_str(), o.threads, &vision) != QWENVL_OK) core_fail("vision");
@@ -318,10 +476,19 @@ int run(const Options& o) {
     const auto start = Clock::now();
     qwenvl_set_log_level(o.verbose ? 3 : 1);
     const BundleFacts b = read_bundle(o.bundle);
+    qwenvl_open_params params = qwenvl_open_default_params();
+    params.n_ctx = o.ctx;
+    params.n_threads = resolved_threads(o.threads);  // the vision step keeps 0: ONNX Runtime's default, as in Python
+    params.kv_type = o.kv_type;
+    params.use_mmap = o.mmap ? 1 : 0;
+    DecoderLoad decoder(b.llm_path, params);
+    const bool overlap = !o.images.empty() && !o.vision_only && overlap_fits(o, b);
     int32_t n_rows = 0, n_embd = 0;
     double vision_load_ms = 0, vision_ms = 0;
     std::vector<std::vector<float>> rows;
-    if (!o.images.empty()) rows = encode_images(o, b, &n_rows, &n_embd, &vision_load_ms, &vision_ms);
+    if (!o.images.empty()) {
+        rows = encode_images(o, b, &n_rows, &n_embd, &vision_load_ms, &vision_ms, overlap ? &decoder : nullptr);
+    }
     const long peak_after_vision = peak_rss_kb();
     const long rss_after_vision = rss_now_kb();
     if (!o.rows_out.empty()) write_rows(o.rows_out, rows);
@@ -330,15 +497,10 @@ int run(const Options& o) {
         return 0;
     }
 
-    const auto t_load = Clock::now();
-    qwenvl_open_params params = qwenvl_open_default_params();
-    params.n_ctx = o.ctx;
-    params.n_threads = o.threads;
-    params.kv_type = o.kv_type;
-    params.use_mmap = o.mmap ? 1 : 0;
-    qwenvl_session* session = nullptr;
-    if (qwenvl_open(b.llm_path.c_str(), &params, &session) != QWENVL_OK) core_fail("decoder");
-    const double load_ms = ms_since(t_load);
+    const auto t_wait = Clock::now();
+    qwenvl_session* session = decoder.take();
+    const double wait_ms = ms_since(t_wait);  // with overlap: what the load added after the images
+    const double load_ms = decoder.load_ms();
 
     std::vector<qwenvl_image> images;
     for (const auto& r : rows) images.push_back(qwenvl_image{r.data(), n_rows, n_embd});
@@ -363,11 +525,13 @@ int run(const Options& o) {
                      "{\"images\": %zu, \"vision_load_ms\": %.1f, \"vision_ms\": %.1f, \"decoder_load_ms\": %.1f, "
                      "\"prefill_ms\": %.1f, \"ttft_ms\": %.1f, \"decode_ms\": %.1f, \"n_tokens\": %d, "
                      "\"decode_tokens_per_s\": %.3f, \"n_prompt_positions\": %d, \"peak_rss_vision_kb\": %ld, "
-                     "\"rss_after_vision_kb\": %ld, \"peak_rss_kb\": %ld, \"kv\": \"%s\", \"mmap\": %s, \"n_ctx\": %d}\n",
+                     "\"rss_after_vision_kb\": %ld, \"peak_rss_kb\": %ld, \"kv\": \"%s\", \"mmap\": %s, \"n_ctx\": %d, "
+                     "\"load\": \"%s\", \"overlap\": %s, \"decoder_wait_ms\": %.1f, \"n_threads\": %d, \"omp_spin\": \"%s\"}\n",
                      rows.size(), vision_load_ms, vision_ms, load_ms, result.prefill_ms, stream.first_token_ms,
                      result.decode_ms, result.n_tokens, result.decode_tokens_per_s, result.n_prompt_positions,
                      peak_after_vision, rss_after_vision, peak_rss_kb(), o.kv_type == QWENVL_KV_Q8_0 ? "q8_0" : "f16",
-                     o.mmap ? "true" : "false", o.ctx);
+                     o.mmap ? "true" : "false", o.ctx, o.mmap ? "map" : "read", overlap ? "true" : "false", wait_ms,
+                     params.n_threads, omp_spin_setting().c_str());
     }
     qwenvl_close(session);
     return 0;
@@ -388,7 +552,9 @@ int main(int argc, char** argv) {
         return 0;
     }
     try {
-        return run(parse_args(argc, argv));
+        const Options options = parse_args(argc, argv);
+        bound_omp_spinning(argv);
+        return run(options);
     } catch (const UsageError& e) {
         std::fprintf(stderr, "qwenvl-native: error: %s (see qwenvl-native --help)\n", one_line(e.what()).c_str());
         return 2;

@@ -72,14 +72,15 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("items", nargs="*", metavar="IMAGE ... QUESTION",
                    help="images, then the question: the last argument is always the question, whatever it looks like "
                         "(never looked up as a file); '-' reads the question from stdin")
-    options.add(p, "bundle", *options.MODEL, *options.SAMPLING, "batch", "json", "draw", "keep_vision", "json_schema")
+    options.add(p, "bundle", *options.MODEL, *options.SAMPLING, "batch", "json", "draw", "keep_vision", "json_schema",
+                "no_resident")
 
 
 @command("chat", _body("chat", "qwenvl_edge.cli.chat"))
 def _chat_args(p: argparse.ArgumentParser) -> None:
     """Interactive multi-turn chat about images (earlier turns stay in the KV cache); /help lists its commands."""
     p.add_argument("images", nargs="*", metavar="IMAGE", help="images for the first question")
-    options.add(p, "bundle", *options.MODEL, *options.SAMPLING, "release_vision")
+    options.add(p, "bundle", *options.MODEL, *options.SAMPLING, "release_vision", "no_resident")
 
 
 @command("batch", _body("batch", "qwenvl_edge.batch.command"))
@@ -130,12 +131,23 @@ def _completion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
 
 
-@command("serve", _body("serve", "qwenvl_edge.server.main"))
+@command("serve", _body("serve", "qwenvl_edge.cli.resident"))
 def _serve_args(p: argparse.ArgumentParser) -> None:
     """Serve OpenAI's chat API and a photo page (http://127.0.0.1:8000/); needs the `server` extra."""
     from qwenvl_edge.server.options import add_serve_args
 
     add_serve_args(p)
+
+
+@command("ps", _body("ps", "qwenvl_edge.cli.resident"))
+def _ps_args(p: argparse.ArgumentParser) -> None:
+    """List the resident servers (serve, serve --background): pid, URL, model loaded or not, idle time, bundle."""
+
+
+@command("stop", _body("stop", "qwenvl_edge.cli.resident"))
+def _stop_args(p: argparse.ArgumentParser) -> None:
+    """Stop a resident server (SIGTERM, then wait for it to exit): the only one running, --bundle's, or --all."""
+    options.add(p, "stop_bundle", "stop_all", group=p.add_mutually_exclusive_group())
 
 
 # --- the parser ----------------------------------------------------------------------------------

@@ -31,9 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qwenvl_edge import validate
-from qwenvl_edge.cli.common import check_model_options, open_model, print_timings, sampling, say
+from qwenvl_edge.cli import resident
+from qwenvl_edge.cli.common import check_model_options, open_model, sampling, say
 from qwenvl_edge.cli.inputs import check_images, shown
 from qwenvl_edge.errors import OptionError, QwenVLError
+from qwenvl_edge.paths import state_root
 
 PROMPT = ">>> "
 HELP = """\
@@ -49,8 +51,7 @@ HISTORY_LENGTH = 1000
 
 
 def history_file() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(state) / "qwenvl-edge" / "chat_history"
+    return state_root() / "chat_history"
 
 
 class LineReader:
@@ -293,7 +294,7 @@ class ChatSession:
             return
         result = self.model.last_result
         self.messages += [user_message(question, images), {"role": "assistant", "content": result.text}]
-        print_timings(self.a, result)
+        resident.show_timings(self.a, result)
         say(self.a, f"[re-used {result.timings.reused_positions} cached positions]")
 
     def _end_line(self) -> None:
@@ -328,7 +329,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
         load_image(image)  # refused now, in one line, rather than after the model loads
     check_model_options(a)
     reader = LineReader(quiet=a.quiet)
-    with open_model(a) as model:
+    with resident.chat_client(a) or open_model(a) as model:  # a resident server on this bundle, else load here
         session = ChatSession(model, a, a.images)
         say(a, "qwenvl-edge chat: type a question; /help lists the commands, Ctrl-D ends.")
         try:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from qwenvl_edge.cli import resident
 from qwenvl_edge.cli.common import check_model_options, open_model, print_timings, sampling, say
 from qwenvl_edge.cli.inputs import BadLine, Job, read_batch, split_items
 from qwenvl_edge.contract import MANIFEST_FILE
@@ -122,6 +123,12 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.draw is not None and not a.draw.parent.is_dir():
         raise OptionError(f"--draw {a.draw}: no folder {a.draw.parent} to write it in")
     check_model_options(a)
+    result = resident.answer(a, job.images, job.question, structured)  # a resident server's; None: load here
+    if result is not None:
+        if a.draw:
+            _draw(a, job.images, result, a.draw)
+        resident.show_timings(a, result)
+        return 0
     with open_model(a) as model:
         if a.json:
             result = model.generate(job.images, job.question, **sampling(a), **structured)

@@ -80,6 +80,137 @@ public final class NativeSmokeTest {
         return out;
     }
 
+    /** True when this process maps `path` (Linux /proc/self/maps); null where there is no /proc. */
+    private static Boolean mapped(String path) throws IOException {
+        Path maps = Paths.get("/proc/self/maps");
+        if (!Files.isReadable(maps)) return null;
+        String real = Paths.get(path).toRealPath().toString();
+        for (String line : Files.readAllLines(maps, StandardCharsets.UTF_8)) {
+            if (line.endsWith(" " + real)) return true;
+        }
+        return false;
+    }
+
+    /** The phone's path through JNI on the golden F32 bundle: openVision, encode, close, open, generate. */
+    private static final class Pipeline {
+        final Path dir;
+        final String vision;
+        final String gguf;
+        final int imageSize;
+        final int nEmbd;
+        final float[] mean;
+        final float[] std;
+        final Map<String, int[]> rgbSizes;
+
+        Pipeline(Path dir, String vision, String gguf, int imageSize, int nEmbd, float[] mean, float[] std,
+                 Map<String, int[]> rgbSizes) {
+            this.dir = dir;
+            this.vision = vision;
+            this.gguf = gguf;
+            this.imageSize = imageSize;
+            this.nEmbd = nEmbd;
+            this.mean = mean;
+            this.std = std;
+            this.rgbSizes = rgbSizes;
+        }
+
+        /** Every golden image's rows from its file; the same rows from its RGB bytes and from its pixels. */
+        Map<String, float[]> encodeAll(Map<String, String> imageFiles) throws IOException {
+            final long handle = QwenVLNative.openVision(vision, 2);
+            check(QwenVLNative.imageSize(handle) == imageSize, "vision imageSize == " + imageSize);
+            check(QwenVLNative.embeddingSize(handle) == nEmbd, "vision embeddingSize == " + nEmbd);
+            Map<String, float[]> rows = new HashMap<>();
+            for (Map.Entry<String, String> e : imageFiles.entrySet()) {
+                String name = e.getKey();
+                float[] fromFile = QwenVLNative.encodeImageFile(handle, e.getValue(), mean, std);
+                check(fromFile.length == 256 * nEmbd, name + ": " + fromFile.length + " floats from the file");
+                double err = maxAbsDiff(fromFile, readFloats(dir.resolve(name + ".f32")));
+                check(err <= 1e-4, name + ": rows from the file vs the golden rows, max abs error " + err);
+                System.err.println("pipeline: " + name + " rows from the file vs golden, max abs error " + err);
+                int[] size = rgbSizes.get(name);
+                byte[] rgb = Files.readAllBytes(dir.resolve(name + ".rgb"));
+                float[] fromBytes = QwenVLNative.encodeImage(handle, rgb, size[0], size[1], 3, mean, std);
+                check(Arrays.equals(fromBytes, fromFile), name + ": encodeImage(RGB bytes) == encodeImageFile");
+                float[] pixels = QwenVLNative.preprocess(rgb, size[0], size[1], 3, imageSize, mean, std);
+                check(Arrays.equals(QwenVLNative.encodePixels(handle, pixels), fromFile),
+                        name + ": encodePixels(preprocess) == encodeImageFile");
+                rows.put(name, fromFile);
+            }
+            // freed before the decoder loads; a freed vision handle is refused
+            QwenVLNative.close(handle);
+            expectThrows(IllegalStateException.class, "encode after closing the vision model",
+                    () -> QwenVLNative.encodePixels(handle, new float[3 * imageSize * imageSize]));
+            return rows;
+        }
+
+        /** Golden-exact answers with the JNI rows (f16, read); q8_0 + mmap: the command's answers, the file mapped. */
+        void answerGolden(Map<String, Case> cases, Map<String, float[]> rows, int maxNewTokens,
+                          Map<String, String> q8Texts) throws IOException {
+            for (String kv : new String[] {"f16", "q8_0"}) {
+                boolean mmap = kv.equals("q8_0");
+                long decoder = QwenVLNative.open(gguf, 1024, 2, kv, mmap);
+                Boolean isMapped = mapped(gguf);
+                check(isMapped == null || isMapped == mmap, kv + ": the GGUF is mapped iff useMmap (" + mmap + ")");
+                for (String name : new String[] {"one_image", "two_images", "text_only"}) {
+                    Case c = cases.get(name);
+                    float[][] images = new float[c.images.size()][];
+                    for (int i = 0; i < images.length; i++) images[i] = rows.get(c.images.get(i));
+                    QwenVLNative.resetChat(decoder);
+                    String reply = QwenVLNative.generate(decoder, images, c.text, maxNewTokens, 0.0f, 1.0f, null);
+                    String want = mmap ? q8Texts.get(name) : c.generatedText;
+                    check(reply.equals(want), "pipeline " + kv + " " + name + ": '" + reply + "' != '" + want + "'");
+                    if (mmap) {
+                        System.err.println("pipeline: q8_0 " + name + (reply.equals(c.generatedText)
+                                ? ": the f16 answer" : ": another answer than f16's: '" + reply + "'"));
+                    }
+                }
+                QwenVLNative.close(decoder);
+            }
+        }
+
+        void badInput(Map<String, String> imageFiles) {
+            final String anyImage = imageFiles.values().iterator().next();
+            expectThrows(RuntimeException.class, "openVision a missing file",
+                    () -> QwenVLNative.openVision("/nonexistent/vision.onnx", 1));
+            expectThrows(RuntimeException.class, "openVision a GGUF", () -> QwenVLNative.openVision(gguf, 1));
+            expectThrows(IllegalArgumentException.class, "openVision(null)", () -> QwenVLNative.openVision(null, 1));
+            expectThrows(IllegalArgumentException.class, "open kvType q4",
+                    () -> QwenVLNative.open(gguf, 0, 0, "q4", false));
+            final long handle = QwenVLNative.openVision(vision, 1);
+            final long decoder = QwenVLNative.open(gguf, 512, 1, "f16", false);
+            try {
+                expectThrows(IllegalArgumentException.class, "encodeImageFile a missing file",
+                        () -> QwenVLNative.encodeImageFile(handle, "/nonexistent/photo.png", mean, std));
+                expectThrows(IllegalArgumentException.class, "encodeImageFile a GGUF",
+                        () -> QwenVLNative.encodeImageFile(handle, gguf, mean, std));
+                expectThrows(IllegalArgumentException.class, "encodeImageFile no std",
+                        () -> QwenVLNative.encodeImageFile(handle, anyImage, mean, null));
+                expectThrows(IllegalArgumentException.class, "encodeImage short pixels",
+                        () -> QwenVLNative.encodeImage(handle, new byte[5], 2, 2, 3, mean, std));
+                expectThrows(IllegalArgumentException.class, "encodeImage channels 2",
+                        () -> QwenVLNative.encodeImage(handle, new byte[8], 2, 2, 2, mean, std));
+                expectThrows(IllegalArgumentException.class, "encodePixels wrong size",
+                        () -> QwenVLNative.encodePixels(handle, new float[12]));
+                expectThrows(IllegalArgumentException.class, "encodePixels null",
+                        () -> QwenVLNative.encodePixels(handle, null));
+                expectThrows(IllegalStateException.class, "generate on a vision handle",
+                        () -> QwenVLNative.generate(handle, null, "Hi", 2, 0.0f, 1.0f, null));
+                expectThrows(IllegalStateException.class, "encode on a decoder handle",
+                        () -> QwenVLNative.encodeImageFile(decoder, anyImage, mean, std));
+                expectThrows(IllegalStateException.class, "imageSize of a decoder handle",
+                        () -> QwenVLNative.imageSize(decoder));
+                try {
+                    QwenVLNative.encodeImageFile(handle, "/nonexistent/photo.png", mean, std);
+                } catch (IllegalArgumentException e) {
+                    check(e.getMessage().contains("/nonexistent/photo.png"), "the error names the image: " + e.getMessage());
+                }
+            } finally {
+                QwenVLNative.close(handle);
+                QwenVLNative.close(decoder);
+            }
+        }
+    }
+
     public static void main(String[] args) throws IOException {
         String dirName = System.getenv("QWENVL_TEST_DATA");
         if (dirName == null || dirName.isEmpty()) {
@@ -98,6 +229,10 @@ public final class NativeSmokeTest {
         Map<String, int[]> rgbSizes = new HashMap<>();
         Map<String, int[]> rgbaSizes = new HashMap<>();
         Map<String, Case> cases = new HashMap<>();
+        Map<String, String> imageFiles = new HashMap<>();
+        Map<String, String> q8Texts = new HashMap<>();
+        String bundleVision = null;
+        String bundleGguf = null;
         Case current = null;
         for (String line : Files.readAllLines(dir.resolve("cases.txt"), StandardCharsets.UTF_8)) {
             String[] f = line.trim().split(" ", 2);
@@ -130,7 +265,22 @@ public final class NativeSmokeTest {
             }
         }
 
-        final long handle = QwenVLNative.open(gguf, 1024, 2);
+        // pipeline.txt (tests/test_native_core.py): the F32 bundle, the golden image files, the q8_0 answers
+        Path pipelineFile = dir.resolve("pipeline.txt");
+        List<String> pipelineLines = Files.isReadable(pipelineFile)
+                ? Files.readAllLines(pipelineFile, StandardCharsets.UTF_8) : new ArrayList<>();
+        for (String line : pipelineLines) {
+            String[] f = line.trim().split(" ", 3);
+            switch (f[0]) {
+                case "bundle_vision": bundleVision = f[1]; break;
+                case "bundle_gguf": bundleGguf = f[1]; break;
+                case "image_file": imageFiles.put(f[1], f[2]); break;
+                case "q8_0_text": q8Texts.put(f[1], fromHex(f.length > 2 ? f[2] : "")); break;
+                default: break;
+            }
+        }
+
+        final long handle = QwenVLNative.open(gguf, 1024, 2, null, false);
         check(handle != 0, "open returned a handle");
         check(QwenVLNative.embeddingSize(handle) == nEmbd, "embeddingSize == " + nEmbd);
 
@@ -168,13 +318,13 @@ public final class NativeSmokeTest {
         check(QwenVLNative.generate(handle, null, "Hi", 2, 0.0f, 1.0f, null) != null, "generate without callback");
 
         // bad input: exceptions with messages, never a crash
-        expectThrows(RuntimeException.class, "open a missing GGUF", () -> QwenVLNative.open("/nonexistent/llm.gguf", 0, 0));
+        expectThrows(RuntimeException.class, "open a missing GGUF", () -> QwenVLNative.open("/nonexistent/llm.gguf", 0, 0, null, false));
         try {
-            QwenVLNative.open("/nonexistent/llm.gguf", 0, 0);
+            QwenVLNative.open("/nonexistent/llm.gguf", 0, 0, "f16", false);
         } catch (RuntimeException e) {
             check(e.getMessage().contains("/nonexistent/llm.gguf"), "open error names the path: " + e.getMessage());
         }
-        expectThrows(IllegalArgumentException.class, "open(null)", () -> QwenVLNative.open(null, 0, 0));
+        expectThrows(IllegalArgumentException.class, "open(null)", () -> QwenVLNative.open(null, 0, 0, null, false));
         expectThrows(IllegalArgumentException.class, "rows of the wrong size",
                 () -> QwenVLNative.generate(handle, new float[][] {new float[100]}, "Hi", 4, 0.0f, 1.0f, null));
         expectThrows(IllegalArgumentException.class, "a null image",
@@ -230,6 +380,16 @@ public final class NativeSmokeTest {
         QwenVLNative.close(handle);
         expectThrows(IllegalStateException.class, "use after close", () -> QwenVLNative.embeddingSize(handle));
         expectThrows(IllegalStateException.class, "made-up handle", () -> QwenVLNative.resetChat(123456789L));
+
+        // the device pipeline: image -> vision -> (vision freed) -> decoder -> answer, all through JNI
+        check(bundleVision != null && bundleGguf != null && !imageFiles.isEmpty() && !q8Texts.isEmpty(),
+                "pipeline.txt names the F32 bundle, the image files and the q8_0 answers (tests/test_native_core.py)");
+        if (bundleVision != null && bundleGguf != null) {
+            Pipeline pipeline = new Pipeline(dir, bundleVision, bundleGguf, imageSize, nEmbd, mean, std, rgbSizes);
+            Map<String, float[]> rows = pipeline.encodeAll(imageFiles);
+            pipeline.answerGolden(cases, rows, maxNewTokens, q8Texts);
+            pipeline.badInput(imageFiles);
+        }
 
         System.err.println("NativeSmokeTest: " + checks + " checks, " + failures + " failed");
         System.exit(failures == 0 ? 0 : 1);

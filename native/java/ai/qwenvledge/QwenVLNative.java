@@ -1,16 +1,28 @@
 package ai.qwenvledge;
 
 /**
- * Qwen-VL-Chat's decoder side on the device: the JNI face of libqwenvl_core (native/include/qwenvl_core.h).
+ * Qwen-VL-Chat on the device: the JNI face of libqwenvl_core, the same native pipeline as the
+ * {@code qwenvl-native} command (native/include/qwenvl_vision.h, qwenvl_preprocess.h, qwenvl_core.h).
  *
- * <p>A handle is one model + llama.cpp context + chat; use it from one thread at a time and free it
- * with {@link #close}. The KV cache is kept across {@link #generate} calls, so a follow-up question
- * decodes only its own tokens; {@link #resetChat} starts over. Image rows come from the vision
- * encoder (onnxruntime on the app side): 256 rows of {@link #embeddingSize} floats per image, fed
- * with the pixels {@link #preprocess} makes.
+ * <p>The steps, in the order a phone runs them:
+ * <ol>
+ *   <li>{@link #openVision} loads the bundle's vision.onnx (ONNX Runtime's C API, the libonnxruntime.so
+ *       the native build links); {@link #encodeImage} (decoded pixels) or {@link #encodeImageFile}
+ *       (a file) gives one image's rows: the Pillow-exact resize, the bundle's mean/std and the vision
+ *       graph in one native call; {@link #encodePixels} takes pixels already made by {@link #preprocess};
+ *   <li>{@link #close} frees the vision model before the decoder loads (on a phone the two then never
+ *       share memory);
+ *   <li>{@link #open} loads llm.gguf (llama.cpp) with the KV cache type and the map/read choice;
+ *       {@link #generate} answers with the rows (256 rows of {@link #embeddingSize} floats per image).
+ * </ol>
  *
- * <p>Errors: a bad argument throws IllegalArgumentException, a closed or unknown handle
- * IllegalStateException, any other failure RuntimeException; each with a one-line message.
+ * <p>A handle is one decoder (model + llama.cpp context + chat) or one vision model; use it from one
+ * thread at a time and free it with {@link #close}. The KV cache is kept across {@link #generate}
+ * calls, so a follow-up question decodes only its own tokens; {@link #resetChat} starts over.
+ *
+ * <p>Errors: a bad argument throws IllegalArgumentException, a closed or unknown handle (or one of
+ * the other kind) IllegalStateException, any other failure RuntimeException; each with a one-line
+ * message.
  */
 public final class QwenVLNative {
     static {
@@ -35,13 +47,55 @@ public final class QwenVLNative {
      * @param ggufPath the bundle's llm.gguf
      * @param nCtx context positions (tokens + 256 per image); 0 for the default 2048
      * @param nThreads CPU threads; 0 for all cores
-     * @return a handle for the other methods
+     * @param kvType the KV cache type: "f16" (or null: the default, exactly as the Python runtime) or "q8_0"
+     *     (half the KV memory, the phone setting; turns flash attention on, answers may differ slightly)
+     * @param useMmap false (default): read the weights into memory, where llama.cpp repacks them for the CPU's
+     *     fastest kernels; true: map the GGUF and use it as it is (no repacking), the weights then stay file
+     *     pages the OS can drop under memory pressure
+     * @return a decoder handle for the other methods
      * @throws RuntimeException with the native message when the file is missing or not loadable
      */
-    public static native long open(String ggufPath, int nCtx, int nThreads);
+    public static native long open(String ggufPath, int nCtx, int nThreads, String kvType, boolean useMmap);
 
-    /** Free a handle (0 or an already closed handle is ignored). */
+    /** Free a decoder or vision handle (0 or an already closed handle is ignored). */
     public static native void close(long handle);
+
+    /**
+     * Load the bundle's vision model (vision encoder + adapter, FP32 or INT8) on the CPU through ONNX Runtime's
+     * C API; its signature is checked here, so a wrong file fails before any photo.
+     *
+     * @param onnxPath the bundle's vision.onnx (its vision.onnx.data, if any, beside it)
+     * @param nThreads CPU threads; 0 for ONNX Runtime's default (one per physical core)
+     * @return a vision handle: {@link #imageSize}, {@link #embeddingSize}, the encode methods, {@link #close}
+     * @throws RuntimeException with the native message when the file is missing, not a vision graph, or the
+     *     core was built without ONNX Runtime
+     */
+    public static native long openVision(String onnxPath, int nThreads);
+
+    /** The vision model's input side S (manifest model.image_size). */
+    public static native int imageSize(long visionHandle);
+
+    /**
+     * One image's rows from its pixels, as the Python runtime does it: transparency onto white, Pillow bicubic
+     * resize to {@link #imageSize}, the bundle's mean/std, the vision graph.
+     *
+     * @param pixels row-major HWC bytes, {@code channels} 3 (RGB) or 4 (RGBA, not premultiplied)
+     * @param mean the model's per-channel mean (manifest model.image_mean, 3 floats)
+     * @param std the model's per-channel std (manifest model.image_std, 3 floats)
+     * @return float32 [256 * embeddingSize] rows for {@link #generate}
+     */
+    public static native float[] encodeImage(long visionHandle, byte[] pixels, int width, int height, int channels,
+                                             float[] mean, float[] std);
+
+    /**
+     * One image file's rows: decoded by the native reader of {@code qwenvl-native} (EXIF orientation applied,
+     * transparency onto white; PNG and JPEG where the build found libpng/libjpeg, PPM/PGM always), then as
+     * {@link #encodeImage}.
+     */
+    public static native float[] encodeImageFile(long visionHandle, String imagePath, float[] mean, float[] std);
+
+    /** Pixels already made by {@link #preprocess} (float32 [3, S, S]) -> the image's rows. */
+    public static native float[] encodePixels(long visionHandle, float[] pixels);
 
     /**
      * Image pixels to the vision encoder's input, exactly as the Python runtime does (transparency onto white, Pillow
@@ -73,6 +127,9 @@ public final class QwenVLNative {
     /** Forget the chat (KV cache and turns). */
     public static native void resetChat(long handle);
 
-    /** Width of one image row: the decoder's embedding size. */
+    /**
+     * Width of one image row: the decoder's embedding size (decoder handle), or the width of the rows the vision
+     * model writes (vision handle); the two must be equal.
+     */
     public static native int embeddingSize(long handle);
 }

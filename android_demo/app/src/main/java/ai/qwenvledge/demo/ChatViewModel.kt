@@ -1,6 +1,5 @@
 package ai.qwenvledge.demo
 
-import ai.qwenvledge.QwenVLNative
 import android.app.Application
 import android.graphics.Bitmap
 import android.net.Uri
@@ -34,9 +33,15 @@ data class Settings(
     val nThreads: Int = Runtime.getRuntime().availableProcessors().coerceIn(1, 4),
     val maxTokens: Int = 512,
     val greedy: Boolean = false,
-    /** Close the ONNX session once an image is encoded: frees its memory for the decoder on small phones. */
-    val releaseVisionBeforeDecode: Boolean = false,
-)
+    /** Free the vision model once an image is encoded: its memory goes to the decoder on small phones. */
+    val releaseVisionBeforeDecode: Boolean = true,
+    /** 8-bit KV cache (QWENVL_KV_Q8_0): half the KV memory, the recommended phone setting; off: f16. */
+    val kvQ8: Boolean = true,
+    /** Map llm.gguf as it is (no repacking): slower kernels, weights the OS can drop; off: read + repack. */
+    val mapWeights: Boolean = false,
+) {
+    val kvType: String get() = if (kvQ8) "q8_0" else "f16"
+}
 
 data class UiState(
     val bundle: BundleInfo? = null,
@@ -56,7 +61,7 @@ data class UiState(
 
 /**
  * The app's state and its work, off the main thread:
- * - photo decoding, preprocessing and the vision encoder on Dispatchers.Default;
+ * - photo decoding and the vision step (native: preprocessing + vision.onnx) on Dispatchers.Default;
  * - every decoder call on one dedicated thread (a native session is single-threaded);
  * - tokens stream into [state] from the decoder's callback as they come.
  */
@@ -70,7 +75,7 @@ class ChatViewModel(application: Application) : AndroidViewModel(application) {
     val state: StateFlow<UiState> = _state.asStateFlow()
 
     private var decoder: QwenDecoder? = null  // touched on decoderThread only
-    private var vision: VisionEncoder? = null  // touched on Dispatchers.Default under visionLock
+    private var vision: QwenVision? = null  // touched on Dispatchers.Default under visionLock
     private val visionLock = Any()
 
     @Volatile private var photoUri: Uri? = null
@@ -106,7 +111,8 @@ class ChatViewModel(application: Application) : AndroidViewModel(application) {
         val bundle = withContext(Dispatchers.IO) { store.open() }
         val settings = _state.value.settings
         withContext(decoderDispatcher) {
-            val opened = QwenDecoder.open(bundle.llmFile, bundle.seqLength, settings.nThreads)
+            val opened = QwenDecoder.open(bundle.llmFile, bundle.seqLength, settings.nThreads, settings.kvType,
+                settings.mapWeights)
             if (opened.embeddingSize != bundle.hiddenSize) {
                 opened.close()
                 throw BundleException(
@@ -138,9 +144,10 @@ class ChatViewModel(application: Application) : AndroidViewModel(application) {
     }
 
     fun updateSettings(settings: Settings) {
-        val threadsChanged = settings.nThreads != _state.value.settings.nThreads
+        val old = _state.value.settings
+        val reload = settings.nThreads != old.nThreads || settings.kvQ8 != old.kvQ8 || settings.mapWeights != old.mapWeights
         _state.update { it.copy(settings = settings) }
-        if (threadsChanged && _state.value.bundle != null) loadBundle()
+        if (reload && _state.value.bundle != null) loadBundle()
     }
 
     fun ask(question: String) {
@@ -189,20 +196,16 @@ class ChatViewModel(application: Application) : AndroidViewModel(application) {
 
     fun dismissError() = _state.update { it.copy(error = null) }
 
-    /** Photo -> Pillow-exact pixels (native) -> vision rows (ONNX Runtime), off the main thread. */
+    /** Photo -> rows in the native core (Pillow-exact resize, mean/std, vision.onnx), off the main thread. */
     private suspend fun encodePhoto(bundle: BundleInfo): FloatArray = withContext(Dispatchers.Default) {
         val uri = checkNotNull(photoUri)
         cachedRows?.let { (cachedUri, rows) -> if (cachedUri == uri) return@withContext rows }
         _state.update { it.copy(busy = "Encoding the photo") }
         try {
             val pixels = PhotoLoader.decodePixels(resolver, uri)
-            val input = QwenVLNative.preprocess(pixels.bytes, pixels.width, pixels.height, 4, bundle.imageSize,
-                bundle.imageMean, bundle.imageStd)
             synchronized(visionLock) {
-                val encoder = vision ?: VisionEncoder(
-                    bundle.visionFile, bundle.imageSize, bundle.nQueries, bundle.hiddenSize, _state.value.settings.nThreads,
-                ).also { vision = it }
-                encoder.encode(input)  // (n_queries * hidden) float32
+                val encoder = vision ?: QwenVision.open(bundle, _state.value.settings.nThreads).also { vision = it }
+                encoder.encode(pixels, bundle.imageMean, bundle.imageStd)  // (n_queries * hidden) float32
             }.also { rows -> cachedRows = uri to rows }
         } finally {
             _state.update { it.copy(busy = null) }

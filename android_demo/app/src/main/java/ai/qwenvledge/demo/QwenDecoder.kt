@@ -40,8 +40,12 @@ class QwenDecoder private constructor(private var handle: Long) : Closeable {
     private fun live(): Long = handle.also { check(it != 0L) { "the decoder is closed" } }
 
     companion object {
-        /** Load [gguf] (memory-mapped by llama.cpp); [nCtx] positions = text tokens + 256 per image. */
-        fun open(gguf: File, nCtx: Int, nThreads: Int): QwenDecoder =
-            QwenDecoder(QwenVLNative.open(gguf.absolutePath, nCtx, nThreads))
+        /**
+         * Load [gguf]; [nCtx] positions = text tokens + 256 per image. [kvType] "q8_0" halves the KV cache (the
+         * phone setting) or "f16" (the desktop's); [mapWeights] maps the GGUF as it is instead of reading and
+         * repacking it (slower kernels, but weights the OS can drop under memory pressure).
+         */
+        fun open(gguf: File, nCtx: Int, nThreads: Int, kvType: String, mapWeights: Boolean): QwenDecoder =
+            QwenDecoder(QwenVLNative.open(gguf.absolutePath, nCtx, nThreads, kvType, mapWeights))
     }
 }

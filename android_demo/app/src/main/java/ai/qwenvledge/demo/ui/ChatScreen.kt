@@ -268,6 +268,12 @@ private fun SettingsDialog(settings: Settings, onDismiss: () -> Unit, onApply: (
                 SwitchRow("Free the vision model before decoding (phones with little memory)", draft.releaseVisionBeforeDecode) {
                     draft = draft.copy(releaseVisionBeforeDecode = it)
                 }
+                SwitchRow("8-bit KV cache, q8_0 (half its memory; reloads the model)", draft.kvQ8) {
+                    draft = draft.copy(kvQ8 = it)
+                }
+                SwitchRow("Map the model file instead of reading it (reloads the model)", draft.mapWeights) {
+                    draft = draft.copy(mapWeights = it)
+                }
             }
         },
     )
