@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         results[key] = out[key]
     a.results.write_text(json.dumps(results, indent=2) + "\n")
     a.markdown.write_text(section(out))
+    if "export" in results:  # a full run's results.json: RESULTS.md gets this section and the targets
+        from benchmarks.report import write_report
+
+        write_report(results, a.results.parent)
     print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=2))
     return 0
 

@@ -21,6 +21,11 @@ TARGETS = [
     ("ttft_first_ratio", 1.05, False, "fresh `run` first answer byte / (INT8 encode + text prefill, same positions)"),
     ("ttft_second_run_ratio", 0.25, False, "second `run` about the same photo / fresh `run` (first answer byte)"),
     ("ttft_second_turn_ratio", 0.05, False, "second question in the same process / fresh `run` (first answer byte)"),
+    # bench_native_vs_python, bench_serve_parallel (run alone, after run_benchmarks; merged into results.json)
+    ("native_vs_python_decode_ratio", 0.95, True, "`qwenvl-native run` decode tok/s / `qwenvl-edge run`'s"),
+    ("native_vs_python_ttft_ratio", 1.05, False, "`qwenvl-native run` first answer byte / `qwenvl-edge run`'s"),
+    ("serve_parallel4_throughput_ratio", 2.5, True, "`serve --parallel 4`: four clients' decode tok/s / one client's"),
+    ("ttft_second_run_resident_ratio", 0.05, False, "second `run` through a resident server / fresh `run`"),
 ]
 
 
@@ -216,7 +221,7 @@ def write_report(results: dict, folder: Path) -> None:
     lines += [f"| {name} | {gb:.2f} GB |" for name, gb in e["files_gb"].items()]
     # written by bench_accuracy and bench_phone_quality (the tiny trained model)
     for section in (folder / "accuracy.md", folder / "phone_quality.md", folder / "batch.md",
-                    folder / "native_vs_python.md"):
+                    folder / "native_vs_python.md", folder / "serve_parallel.md"):
         if section.is_file():
             lines += ["", section.read_text().rstrip("\n")]
     notes = results.get("notes")

@@ -8,15 +8,18 @@ the weights, so a step that carries four sequences' tokens costs little more tha
 (embeddings cannot share a batch with token ids) go one chunk at a time, taking turns with the
 token steps, so running answers keep streaming while a new prompt is prefilled.
 
-Right after a step, each sequence's logits are copied out. A request samples from its own copy
-while the next step runs. Everything else that touches the context (KV removal, state get and
-set) also runs on the batcher's thread, between steps.
+Right after a step, each sequence's logits are copied out. A request samples from its own copy,
+and the next token step waits for every sequence of the last one to hand in its next token (at
+most ``GATHER_S``; a sequence whose answer ended leaves at once): without that wait the answers
+take turns, one sequence per step, and batching gains nothing. Everything else that touches the
+context (KV removal, state get and set) also runs on the batcher's thread, between steps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from qwenvl_edge.runtime.decoder import Decoder, Tokenizer, load_model, make_con
 
 T = TypeVar("T")
 DEFAULT_CHUNK = 64  # prefill positions per step while others decode: a step at full size is a few seconds
+GATHER_S = 0.05  # how long a token step waits for the sequences of the last one (they sample in a few ms)
 
 
 class ClosedBatcher(QwenVLError):
@@ -90,6 +94,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._rows_last = False  # token steps and row chunks take turns
+        self._expect: set[int] = set()  # the sequences of the last token step: the next one waits for them
         self.steps = 0  # llama_decode calls made
         self.shared_steps = 0  # of them, those that carried more than one sequence
         self.tokens_stepped = 0
@@ -116,16 +121,20 @@ class Batcher:
         """``fn()`` on the batcher thread, between two steps."""
         return self.run(Step(seq, call=fn))
 
+    def leave(self, seq: int) -> None:
+        """``seq``'s request is over: the next step does not wait for it."""
+        with self._cond:
+            self._expect.discard(seq)
+            self._cond.notify()
+
     # --- the batcher thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                steps = self._take()
+                steps = self._next()
+            if steps is None:
+                return
             try:
                 if steps[0].call is not None:
                     steps[0].result = steps[0].call()
@@ -136,6 +145,25 @@ class Batcher:
                     step.error = e
             for step in steps:
                 step.done.set()
+
+    def _next(self) -> list[Step] | None:
+        """The next step's work, once every sequence of the last token step has handed in its next one (or
+        ``GATHER_S`` passed); None when closed and nothing is left. Called with the lock held."""
+        deadline = None
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return None
+                self._cond.wait()
+                continue
+            waiting = self._expect - {step.seq for step in self._pending}
+            if not waiting or self._closed or any(step.call is not None for step in self._pending):
+                return self._take()
+            now = time.monotonic()
+            deadline = deadline or now + GATHER_S
+            if now >= deadline:
+                return self._take()
+            self._cond.wait(deadline - now)
 
     def _take(self) -> list[Step]:
         """The next step's work: a call alone; else the token steps that fit one batch, or one row chunk,
@@ -160,7 +188,9 @@ class Batcher:
                 n += step.size
         for step in taken:
             pending.remove(step)
-        return taken
+        # in sequence order: llama.cpp splits a batch of several KV streams wherever the sequence ids stop
+        # rising, and each piece is one more pass over the weights (arrival order made 4 tokens cost 3 passes)
+        return sorted(taken, key=lambda s: s.seq)
 
     def _execute(self, steps: list[Step]) -> None:
         """One ``llama_decode`` of ``steps`` (all token steps, or one row chunk); logits copied out."""
@@ -189,6 +219,9 @@ class Batcher:
         self.steps += 1
         self.shared_steps += len(steps) > 1
         self.tokens_stepped += j
+        if steps[0].rows is None:
+            with self._cond:
+                self._expect = {step.seq for step in steps}
         for step, index in outputs:
             step.logits[:] = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx.ctx, index),
                                                    shape=(self.n_vocab,))

@@ -72,6 +72,7 @@ class ParallelQwenVL:
             return best
 
     def _give_back(self, slot: QwenVL) -> None:
+        self.batcher.leave(slot.session.decoder().seq)
         with self._lock:
             self._free.append(slot)
             self._lock.notify()

@@ -6,9 +6,10 @@ Written here on x86-64 by the project's own tooling, read there by the aarch64 b
 - ``tiny-Q4_0.gguf``: the same decoder in Q4_0, which llama.cpp repacks into its ARM layouts
   (q4_0_4x4 with dot-product, q4_0_4x8 with i8mm), for ``qwenvl_cpu_probe``.
 
-``write_ppm`` gives ``qwenvl-native`` its images on ARM64 as binary PPM: Debian's aarch64 sysroot has no
-libpng or libjpeg, so the cross-built command reads PPM/PGM only (its own decoder). PPM holds the same
-8-bit RGB as the PNG, so the pixels, and what x86-64 computes from them, are the same.
+``write_ppm`` writes the upright 8-bit RGB the Python runtime reads from an image as binary PPM (the
+command's own decoder, no library): tests/test_native_arm64.py feeds the pipeline those pixels, and
+tests/test_arm64_images.py compares the aarch64 command's PNG/JPEG decoding (libpng, libjpeg-turbo from
+Debian's arm64 multiarch packages) against them.
 
     python -m tests.native_arm64_data OUT     # what run.sh calls when QWENVL_TEST_DATA is not set
 """

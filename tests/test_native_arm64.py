@@ -18,7 +18,8 @@ SVE2, ...). What it pins down:
 - on the trained tiny model (whatever export/data/tiny_trained.npz holds) the Q4_0 and Q4_K_M bundles with
   INT8 vision give the same answers to task images as the same command on x86-64 (right or not; an answer
   that differs must be a near-tie of x86-64's own decoder: see NEAR_TIE).
-The command reads its images as PPM on ARM64 (tests/native_arm64_data.write_ppm says why).
+These tests give the command PPM copies of the images (tests/native_arm64_data.write_ppm), which isolates the
+pipeline from the decoders; PNG and JPEG photos on ARM64 are tests/test_arm64_images.py's.
 A missing cross compiler or qemu skips these tests, and fails them under CI=true (.ci/run installs both).
 """
 

@@ -53,7 +53,18 @@ write_cpuinfo() {  # CPU FOLDER
         features="$features sha3 sm3 sm4 sha512 sve asimdfhm flagm sb paca pacg dcpodp sve2 svei8mm svebf16 i8mm bf16 bti"
     fi
     mkdir -p "$root/proc"
-    for entry in "$sysroot"/*; do ln -sfn "$entry" "$root/$(basename "$entry")"; done
+    for entry in "$sysroot"/*; do
+        [ "$(basename "$entry")" = lib ] || ln -sfn "$entry" "$root/$(basename "$entry")"
+    done
+    # qemu falls back to the host's path when -L has none: with Debian's arm64 multiarch packages installed
+    # (libpng-dev:arm64 brings libc6:arm64, .ci/run installs it), the guest's loader would take libc.so.6
+    # from the host's /lib/aarch64-linux-gnu (listed in the host's ld.so.cache), another glibc build than
+    # the sysroot's ld.so, and hang. The multiarch folders name the sysroot's lib here.
+    [ -L "$root/lib" ] && rm "$root/lib"  # a link to the sysroot's lib, as earlier versions made it
+    mkdir -p "$root/lib" "$root/usr/lib"
+    for entry in "$sysroot"/lib/*; do ln -sfn "$entry" "$root/lib/$(basename "$entry")"; done
+    ln -sfn "$sysroot/lib" "$root/lib/aarch64-linux-gnu"
+    ln -sfn "$sysroot/lib" "$root/usr/lib/aarch64-linux-gnu"
     for n in $(seq 0 $(($(getconf _NPROCESSORS_CONF) - 1))); do
         printf 'processor\t: %d\nBogoMIPS\t: 50.00\nFeatures\t: %s\nCPU implementer\t: %s\n' "$n" "$features" "$implementer"
         printf 'CPU architecture: 8\nCPU variant\t: %s\nCPU part\t: %s\nCPU revision\t: %d\n\n' "$variant" "$part" "$revision"
