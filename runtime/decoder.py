@@ -163,12 +163,19 @@ def pick(sampler, logits: np.ndarray) -> int:
     data["id"] = np.arange(len(logits), dtype=np.int32)
     data["logit"] = logits
     data["p"] = 0.0
-    arr = llama_cpp.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
-                                           size=len(logits), selected=-1, sorted=False)
-    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
+    arr = apply_sampler(sampler, data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)), len(logits))
     token = int(arr.data[arr.selected].id)
     llama_cpp.llama_sampler_accept(sampler, token)
     return token
+
+
+def apply_sampler(sampler, data, size: int):
+    """``sampler`` (a raw ``llama_sampler*``) applied to ``size`` candidates at ``data``; the array it filled."""
+    import llama_cpp
+
+    arr = llama_cpp.llama_token_data_array(data=data, size=size, selected=-1, sorted=False)
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
+    return arr
 
 
 def sample_logits(sampler, logits: np.ndarray) -> int:
@@ -200,14 +207,9 @@ class GrammarChain:
         self._all["id"] = np.arange(n_vocab, dtype=np.int32)
         self.resampled = 0  # tokens the grammar refused (tells tests the slow path ran)
 
-    def _apply(self, sampler, data, size: int):
-        arr = self._llama_cpp.llama_token_data_array(data=data, size=size, selected=-1, sorted=False)
-        self._llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
-        return arr
-
     def _allows(self, token: int) -> bool:
         self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
-        self._apply(self.grammar, self._one, 1)
+        apply_sampler(self.grammar, self._one, 1)
         return self._one[0].logit != float("-inf")
 
     def sample(self, ctx, idx: int = -1) -> int:
@@ -228,8 +230,8 @@ class GrammarChain:
             self._all["logit"] = logits()
             self._all["p"] = 0.0
             data = self._all.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
-            arr = self._apply(self.grammar, data, self.n_vocab)
-            arr = self._apply(self.chain.sampler, arr.data, arr.size)
+            arr = apply_sampler(self.grammar, data, self.n_vocab)
+            arr = apply_sampler(self.chain.sampler, arr.data, arr.size)
             token = arr.data[arr.selected].id
         lib.llama_sampler_accept(self.grammar, token)
         return token

@@ -59,5 +59,5 @@ def sequences_that_fit(bundle, n_ctx: int, most: int) -> int:
     if have is None:
         return 1
     one = needed_together(bundle, n_ctx)
-    per_sequence = needed_together(bundle, n_ctx) - needed_together(bundle, 0)
+    per_sequence = one - needed_together(bundle, 0)
     return max(1, min(most, 1 + (have - one) // max(1, per_sequence)))

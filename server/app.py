@@ -162,14 +162,14 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
     urls = {id(part): await state.images.resolve(part.url, param) for param, part in parts}
     messages = engine_messages(body, urls)
     args = body.engine_args()
-    metrics = state.metrics
-    if n > 1:
-        return await _several(state, model, messages, args, n, request)
-    ticket = state.scheduler.admit()
-    watcher = asyncio.create_task(_watch_disconnect(request, ticket))
 
     def observe(result) -> None:  # the finished generation's timings, from whichever sequence ran it
-        metrics.observe(result.timings)
+        state.metrics.observe(result.timings)
+
+    if n > 1:
+        return await _several(state, model, messages, {**args, "on_result": observe}, n, request)
+    ticket = state.scheduler.admit()
+    watcher = asyncio.create_task(_watch_disconnect(request, ticket))
 
     def answer(stop: Callable[[], bool]) -> dict:
         return model.create_chat_completion(messages, cancel=stop, on_result=observe, **args)
@@ -186,11 +186,7 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request) -> Resp
         head = await _head(chunks)  # errors before the first token still get their own status
     except BaseException as e:
         watcher.cancel()
-        if isinstance(e, Cancelled):
-            return Response(status_code=499)  # the client has gone: nobody reads this
-        if isinstance(e, QwenVLError):
-            raise engine_error(e) from None
-        raise
+        return _failed(e)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(_sse(head, chunks, include_usage, config.model_id, ticket, watcher),
                              media_type="text/event-stream",
@@ -213,7 +209,7 @@ def _choices(body: ChatRequest, parallel: int) -> int:
 async def _several(state: ServerState, model: Any, messages: list[dict], args: dict, n: int,
                    request: Request) -> Response:
     """``n`` answers to one request, each on its own sequence, decoded together; a seed gives the i-th
-    answer seed + i (so they differ, and the set is repeatable)."""
+    answer seed + i (so they differ, and the set is repeatable). ``args``: the engine's, ``on_result`` included."""
     tickets: list[Ticket] = []
     try:
         for _ in range(n):
@@ -226,22 +222,14 @@ async def _several(state: ServerState, model: Any, messages: list[dict], args: d
 
     def answer(i: int) -> Callable[[Callable[[], bool]], dict]:
         seed = args["seed"] if args["seed"] is None else (args["seed"] + i) % 2**32
-        return lambda stop: model.create_chat_completion(messages, cancel=stop, on_result=observe,
-                                                         **{**args, "seed": seed})
-
-    def observe(result) -> None:
-        state.metrics.observe(result.timings)
+        return lambda stop: model.create_chat_completion(messages, cancel=stop, **{**args, "seed": seed})
 
     try:
         results = await asyncio.gather(*(state.scheduler.run(answer(i), t) for i, t in enumerate(tickets)))
     except BaseException as e:
         for ticket in tickets:
             ticket.cancel.set()
-        if isinstance(e, Cancelled):
-            return Response(status_code=499)
-        if isinstance(e, QwenVLError):
-            raise engine_error(e) from None
-        raise
+        return _failed(e)
     finally:
         watcher.cancel()
     merged = dict(results[0])
@@ -251,6 +239,16 @@ async def _several(state: ServerState, model: Any, messages: list[dict], args: d
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     merged["usage"] = usage
     return JSONResponse(_named(merged, state.config.model_id))
+
+
+def _failed(e: BaseException) -> Response:
+    """What a request that failed in the engine answers: nothing for a client that has gone (499), the
+    engine's refusal in OpenAI's shape, anything else raised on."""
+    if isinstance(e, Cancelled):
+        return Response(status_code=499)  # the client has gone: nobody reads this
+    if isinstance(e, QwenVLError):
+        raise engine_error(e) from None
+    raise e
 
 
 async def _watch_disconnect(request: Request, *tickets: Ticket) -> None:

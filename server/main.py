@@ -150,6 +150,12 @@ def _check(a: argparse.Namespace) -> None:
             raise QwenVLError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if a.max_queue < 0:
         raise QwenVLError(f"--max-queue must be 0 or more, got {a.max_queue}")
+    if a.parallel is not None:
+        import llama_cpp
+
+        most = llama_cpp.llama_max_parallel_sequences()  # llama.cpp's own ceiling on a context's sequences
+        if a.parallel > most:
+            raise QwenVLError(f"--parallel {a.parallel}: llama.cpp decodes at most {most} sequences together")
     if a.media_dir is not None and not a.media_dir.expanduser().is_dir():
         raise QwenVLError(f"--media-dir {a.media_dir}: not a folder")
     if a.api_key is not None and not a.api_key.strip():

@@ -19,6 +19,7 @@ import pytest
 
 from qwenvl_edge.runtime.parallel import ParallelQwenVL
 from qwenvl_edge.runtime.pipeline import QwenVL
+from tests.cli_helpers import run_process
 from tests.server_harness import ServerProcess, data_uri
 from tests.test_server import MODEL, assert_error, case_messages, post, user
 from tests.test_server_metrics import one, parse
@@ -141,6 +142,15 @@ def test_an_engine_error_frees_the_sequence(f32_bundle) -> None:
 
 
 # --- the server ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "257", "100000", "four"])
+def test_a_bad_parallel_is_one_line_before_the_port_opens(f32_bundle, value) -> None:
+    r = run_process(["serve", "--bundle", str(f32_bundle), "--port", "0", "--parallel", value], timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert err.count("\n") == 1 and "--parallel" in err and "Traceback" not in err, err
+    assert "serving" not in err
 
 
 @pytest.fixture(scope="module")
