@@ -130,6 +130,7 @@ def export_bundle(checkpoint: Path, bundle: Path, threads: int | None, cgroup_gb
     env = {**os.environ, "XDG_CACHE_HOME": str(resume)}
     group = MemoryCgroup(f"qwenvl-export-{os.getpid()}", int(cgroup_gb * GIB)) if cgroup_gb else None
     ckpt_bytes = folder_bytes([checkpoint])
+    load_average = os.getloadavg()[0]  # a benchmark runs alone: below 0.5 at the start
     try:
         with DiskSampler(resume, bundle) as disk:
             stats = run_measured(group.wrap(cmd) if group else cmd, env=env)
@@ -146,6 +147,7 @@ def export_bundle(checkpoint: Path, bundle: Path, threads: int | None, cgroup_gb
                      "peak_rss_gb": stats.peak_rss_between(start + offset, end + offset) / 1e9}
               for name, (start, end) in manifest["export"]["stage_seconds"].items()}
     return {"wall_s": stats.wall_s, "peak_rss_gb": stats.peak_rss_bytes / 1e9, "stages": stages,
+            "load_average_start": load_average,
             "cgroup_limit_gb": cgroup_gb * GIB / 1e9 if cgroup_gb else None,
             "cgroup_peak_gb": peak / 1e9 if peak is not None else None, "cgroup_oom_kills": ooms,
             "disk_peak_gb": (disk.peak + ckpt_bytes) / 1e9, "checkpoint_gb": ckpt_bytes / 1e9,
@@ -158,7 +160,9 @@ def export_keys(export: dict) -> dict:
     """The flat keys results.json carries for the export row."""
     return {"export": export, "export_s": export["wall_s"], "export_peak_rss_gb": export["peak_rss_gb"],
             "export_cgroup_peak_gb": export["cgroup_peak_gb"], "export_cgroup_limit_gb": export["cgroup_limit_gb"],
-            "export_disk_peak_gb": export["disk_peak_gb"]}
+            "export_disk_peak_gb": export["disk_peak_gb"],
+            "export_int8_over_fp32_stage": export["stages"]["vision_int8"]["wall_s"]
+            / export["stages"]["vision_fp32"]["wall_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:

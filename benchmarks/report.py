@@ -26,7 +26,16 @@ TARGETS = [
     ("native_vs_python_ttft_ratio", 1.05, False, "`qwenvl-native run` first answer byte / `qwenvl-edge run`'s"),
     ("serve_parallel4_throughput_ratio", 2.5, True, "`serve --parallel 4`: four clients' decode tok/s / one client's"),
     ("ttft_second_run_resident_ratio", 0.05, False, "second `run` through a resident server / fresh `run`"),
+    # issue 29: bench_export (the stage ratio) and bench_int8_schemes (run alone; merged into results.json)
+    ("export_int8_over_fp32_stage", 2.0, False, "export: INT8 vision stage / FP32 vision stage (8 GiB cgroup)"),
+    ("vision_int8_speedup_vs_dynamic_u8", 1.8, True, "default INT8 encode speed-up over `dynamic-u8`, same CPU"),
+    ("vision_session_open_s", 1.0, False, "default INT8 vision session open at full size (s)"),
+    ("vision_int8_min_cosine_trained", 0.99, True, "worst INT8 row cosine, tiny trained model, 200 task images"),
 ]
+
+
+VECTOR_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                "amx_tile", "amx_int8", "asimd", "asimddp", "i8mm")
 
 
 def machine() -> dict:
@@ -44,7 +53,9 @@ def machine() -> dict:
     vector = ("AVX-512 VNNI" if {"avx512f", "avx512_vnni"} <= flags else "AVX-512" if "avx512f" in flags
               else "AVX2" if "avx2" in flags else "no AVX2")
     built = llama_cpp.llama_print_system_info().decode(errors="replace")  # what llama.cpp was compiled for
-    return {"cpu": cpu, "cpu_vector": vector, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(mem / 1e6, 1),
+    extensions = [f for f in VECTOR_FLAGS if f in flags]  # what picks onnxruntime's and llama.cpp's kernels
+    return {"cpu": cpu, "cpu_vector": vector, "vector_extensions": extensions, "cores": len(os.sched_getaffinity(0)),
+            "memory_gb": round(mem / 1e6, 1),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
             "llama_cpp_python": llama_cpp.__version__,
             "llama_cpp_features": " ".join(part.split("=")[0].strip() for part in built.split("|")[1:]
@@ -221,7 +232,7 @@ def write_report(results: dict, folder: Path) -> None:
     lines += [f"| {name} | {gb:.2f} GB |" for name, gb in e["files_gb"].items()]
     # written by bench_accuracy and bench_phone_quality (the tiny trained model)
     for section in (folder / "accuracy.md", folder / "phone_quality.md", folder / "batch.md",
-                    folder / "native_vs_python.md", folder / "serve_parallel.md"):
+                    folder / "native_vs_python.md", folder / "serve_parallel.md", folder / "int8_schemes.md"):
         if section.is_file():
             lines += ["", section.read_text().rstrip("\n")]
     notes = results.get("notes")

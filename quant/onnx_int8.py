@@ -1,4 +1,4 @@
-"""INT8 vision graph: onnxruntime.quantization over the finished FP32 file, a few ViT blocks at a time.
+"""INT8 vision graph from the finished FP32 file, tensor by tensor, a few ViT blocks at a time.
 
 Only the weight MatMuls are quantized (each ``MatMul`` whose B input is an initializer): the
 attention score/context products, LayerNorms, GELU and softmax stay in float, and so does the
@@ -8,15 +8,24 @@ the final projection: 2.6% of the FLOPs at full size, but the adapter's kv_proj 
 residual stream (no LayerNorm before it), where real ViTs keep their outlier channels, and on
 the tiny golden leaving them in float lifts the worst row cosine from 0.9993 to 0.9997.
 
+Each weight MatMul becomes the fused operator the session would have made of onnxruntime's
+``quantize_dynamic`` graph (``DynamicQuantizeMatMul``, same weights bit for bit) or ``MatMulNBits``,
+its weight quantized alone (``quant.matmul_rewrite``): the stage reads the FP32 weights once and
+writes the INT8 ones once. The calibrated QDQ scheme (``static``) still goes through
+``quantize_static``, piece by piece.
+
 **Why the default is uint8 weights (``dynamic-u8``).** onnxruntime's MLAS runs an int8-weight x
 uint8-activation product on x86 CPUs without VNNI (AVX2 only: AMD before Zen 4, Intel before Ice
 Lake / Alder Lake; also AVX-512 without VNNI) with ``vpmaddubsw``, which adds two u8 x s8 products
 into a *saturating* 16-bit sum (255 x 127 x 2 > 32767): rows drift (min cosine 0.990 on the tiny
 golden under ``qemu-x86_64 -cpu Haswell``). uint8 x uint8 is widened to 16 bits first there
-(``vpmaddwd``: exact), and on VNNI (``vpdpbusd``) and ARM64 (``udot``/``sdot``, or ``umull``
+(``vpmaddwd``: exact), and on VNNI (``vpdpbusd``), AMX and ARM64 (``udot``/``sdot``, or ``umull``
 widening without dot-product) every scheme accumulates exactly in 32 bits. So u8 x u8 gives the
-same rows on every CPU; the s8 schemes are faster on VNNI / ARM (about 1.3x here) and are kept as
-options with that caveat (``SCHEMES[...].caveat``).
+same rows on every CPU. The s8 schemes are far faster where VNNI / AMX run them (benchmarks/
+int8_schemes.md); ``dynamic-s7`` (7-bit weights) cannot saturate and is portable, but its coarser
+weights leave the tiny trained model's worst task row at 0.972 after the floor below (``dynamic-u8``:
+0.991), so it is an option, not the default. ``MatMulNBits`` (8-bit blocks, int8 activations) was
+slower than ``dynamic-u8`` on both kinds of CPU measured, and 4 bits miss the floor on every tower.
 
 **Accuracy floor (``--int8-floor``, default 0.99).** Dynamic INT8 can move an attention score across
 its margin at a few patches: on the tiny trained model the worst row cosine is 0.983 on the calibration
@@ -28,10 +37,12 @@ A model that meets the floor pays nothing extra. A floor of 1.0 keeps every MatM
 warns that the file is then as large as FP32) rather than failing after the work is done.
 
 Memory stays bounded at any size: the FP32 graph is cut into pieces of a few blocks
-(``quant.onnx_pieces``), each piece goes through onnxruntime's quantizer alone, and the quantized
-pieces are joined into one graph whose weights stream into ``<out>.data``. The FP32-vs-INT8 row
-quality is measured on the way, piece by piece, so no whole FP32 session (15 GB at full size with
-its prepacked copies) is ever opened.
+(``quant.onnx_pieces``) whose weights are read in place (the FP32 ``.data`` hard-linked beside the
+piece graphs, or copied into each piece where no link can be made), each piece is quantized alone, and
+the quantized pieces are joined into one graph whose weights stream into ``<out>.data``. The
+FP32-vs-INT8 row quality is measured on the way, piece by piece, so no whole FP32 session (15 GB at
+full size with its prepacked copies) is ever opened; at full size on 2 calibration images and no held-out
+one (``measured_counts``), since each image is a whole FP32 and INT8 encode.
 """
 
 from __future__ import annotations
@@ -39,14 +50,14 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from qwenvl_edge.errors import QwenVLError
 from qwenvl_edge.onnx_files import ExternalDataWriter, external_data_path, staged_model_files
@@ -57,7 +68,16 @@ from qwenvl_edge.quant.calibration import (
     generate_images,
     preprocess_all,
 )
-from qwenvl_edge.quant.onnx_pieces import DEFAULT_PIECE_BYTES, GraphAssembler, Piece, iter_piece_models
+from qwenvl_edge.quant.matmul_rewrite import rewrite_model
+from qwenvl_edge.quant.onnx_pieces import (
+    DEFAULT_PIECE_BYTES,
+    GraphAssembler,
+    Piece,
+    WeightSource,
+    iter_piece_models,
+    link_data_files,
+    tensor_nbytes,
+)
 from qwenvl_edge.quant.registry import (  # noqa: F401 (re-exported)
     DEFAULT_INT8_FLOOR,
     DEFAULT_SCHEME,
@@ -75,9 +95,22 @@ EXTERNAL_DATA_BYTES = 512 * 2**20  # as the FP32 export: above this the weights 
 N_CALIBRATION_IMAGES = 8
 N_HELDOUT_IMAGES = 4
 N_MEASURED_CALIBRATION = 4  # quality is measured on this many calibration images (each costs two full runs)
+# Each measured image is one FP32 and one INT8 encode (17 + 16 s at full size on the Xeon of issue 29, where
+# the whole FP32 export stage takes 63 s): images x FP32 weight bytes stays under this, so small towers
+# measure 4 + 4 images and the full size 2 calibration images, no held-out one.
+MEASURE_BUDGET_BYTES = 16 * 2**30
 DEFAULT_EXCLUDE = ("/visual/adapter/", "/visual/proj/")
 
 Progress = Callable[[str], None]
+
+
+def measured_counts(weight_bytes: int) -> tuple[int, int]:
+    """(calibration, held-out) images the quality check carries through FP32 and INT8 for a tower of
+    ``weight_bytes``: as many as ``MEASURE_BUDGET_BYTES`` allows, at least 2 calibration images (the floor is
+    checked on them), at most 4 + 4."""
+    total = max(2, min(N_MEASURED_CALIBRATION + N_HELDOUT_IMAGES, MEASURE_BUDGET_BYTES // max(weight_bytes, 1)))
+    calibration = min(N_MEASURED_CALIBRATION, max(2, (total + 1) // 2))
+    return calibration, min(N_HELDOUT_IMAGES, total - calibration)
 
 
 def weight_matmuls(model: onnx.ModelProto, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -102,18 +135,14 @@ def _has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def _run_quantizer(s: Int8Scheme, src: Path, dst: Path, to_quantize: list[str],
-                   calibration: ActivationCalibrationReader | None) -> None:
-    common = dict(op_types_to_quantize=["MatMul"], nodes_to_quantize=to_quantize, per_channel=s.per_channel,
-                  weight_type=QuantType[s.weight_type], reduce_range=s.reduce_range)
+def _run_static_quantizer(s: Int8Scheme, src: Path, dst: Path, to_quantize: list[str],
+                          calibration: ActivationCalibrationReader) -> None:
     hint_filter = _DropPreprocessHint()
     logging.getLogger().addFilter(hint_filter)
     try:
-        if s.method == "dynamic":
-            quantize_dynamic(src, dst, **common)
-        else:
-            quantize_static(src, dst, calibration, quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, **common)
+        quantize_static(src, dst, calibration, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=["MatMul"], nodes_to_quantize=to_quantize, per_channel=s.per_channel,
+                        weight_type=QuantType[s.weight_type], reduce_range=s.reduce_range)
     finally:
         logging.getLogger().removeFilter(hint_filter)
 
@@ -134,19 +163,31 @@ class _Job:
     n_threads: int | None
     max_piece_bytes: int
     say: Progress
+    linked: bool = False  # the FP32 .data is hard-linked into the scratch folder: pieces reference it in place
+
+    def __post_init__(self) -> None:
+        self.weights = WeightSource(self.fp32_path, self.header.graph)
+        # quantize_static loads its piece through onnx.load, which refuses hard-linked data
+        self.linked = self.scheme.method != "static" and link_data_files(self.fp32_path, self.scratch)
+
+    def pieces(self, max_bytes: int | None = None) -> Iterator[tuple[int, int, Piece, onnx.ModelProto]]:
+        return iter_piece_models(self.fp32_path, max_bytes or self.max_piece_bytes, inline=not self.linked)
 
     def runner(self, sets: dict[str, list[np.ndarray]] | None = None) -> PieceRunner:
         return PieceRunner(self.header.graph.input[0].name, self.sets if sets is None else sets, self.n_threads,
                            extra=self.extra)
 
-    def quantize_piece(self, runner: PieceRunner, piece: Piece, src: Path, dst: Path, nodes: list[str]) -> None:
-        """``nodes`` of one piece quantized (an empty list would mean "every node" to the quantizer: a copy)."""
+    def quantize_piece(self, runner: PieceRunner, piece: Piece, model: onnx.ModelProto, src: Path, dst: Path,
+                       nodes: list[str]) -> None:
+        """``nodes`` of one piece (``model``, saved at ``src``) quantized into ``dst``: tensor by tensor
+        (``matmul_rewrite``), or through ``quantize_static`` for the calibrated QDQ scheme."""
         if not nodes:
             shutil.copyfile(src, dst)
-            return
-        reader = (ActivationCalibrationReader(runner.calibration_feeds(piece.inputs))
-                  if self.scheme.method == "static" else None)
-        _run_quantizer(self.scheme, src, dst, nodes, reader)
+        elif self.scheme.method == "static":
+            reader = ActivationCalibrationReader(runner.calibration_feeds(piece.inputs))
+            _run_static_quantizer(self.scheme, src, dst, nodes, reader)
+        else:
+            onnx.save(rewrite_model(model, set(nodes), self.scheme, self.weights.array), str(dst))
 
 
 def _quantize_pass(job: _Job, quantize: set[str]) -> PieceRunner:
@@ -156,15 +197,16 @@ def _quantize_pass(job: _Job, quantize: set[str]) -> PieceRunner:
     data_file = open(external_data_path(job.staged), "wb") if job.external else None  # noqa: SIM115 (closed below)
     try:
         assembler = GraphAssembler(job.header, ExternalDataWriter(data_file, job.out_name) if data_file else None)
-        for i, n, piece, model in iter_piece_models(job.fp32_path, job.max_piece_bytes):
+        for i, n, piece, model in job.pieces():
             job.say(f"vision int8: piece {i + 1}/{n} ({piece.label}, {piece.nbytes / 2**20:.0f} MiB FP32)")
             fp32_piece, int8_piece = job.scratch / f"piece{i}_fp32.onnx", job.scratch / f"piece{i}_int8.onnx"
             onnx.save(model, str(fp32_piece))
-            del model
             nodes = [x.name for x in piece.nodes if x.name in quantize]
-            job.quantize_piece(runner, piece, fp32_piece, int8_piece, nodes)
+            job.quantize_piece(runner, piece, model, fp32_piece, int8_piece, nodes)
+            del model
             runner.run_piece(fp32_piece, int8_piece, piece.inputs, piece.outputs, piece.live_after)
-            assembler.add(onnx.load(str(int8_piece)))
+            quantized = onnx.load(str(int8_piece), load_external_data=False)
+            assembler.add(quantized, WeightSource(int8_piece, quantized.graph))
             fp32_piece.unlink()
             int8_piece.unlink()
         onnx.save(assembler.model, str(job.staged))
@@ -185,20 +227,20 @@ def rank_matmuls(job: _Job, candidates: Sequence[str]) -> list[tuple[str, float]
     """
     runner = job.runner({"calibration": job.sets["calibration"]})
     wanted, scores = set(candidates), {}
-    for i, n, piece, model in iter_piece_models(job.fp32_path, max_bytes=1):  # one block (group) per piece
+    for i, n, piece, model in job.pieces(max_bytes=1):  # one block (group) per piece
         fp32_piece = job.scratch / f"rank{i}_fp32.onnx"
         onnx.save(model, str(fp32_piece))
-        del model
         nodes = [x.name for x in piece.nodes if x.name in wanted]
         if nodes:
             job.say(f"vision int8: sensitivity of {len(nodes)} MatMuls in {piece.label} ({i + 1}/{n})")
             reference = runner.outputs_on_reference(fp32_piece, "calibration", piece.inputs, piece.outputs)
             alone = job.scratch / f"rank{i}_one.onnx"
             for node in nodes:
-                job.quantize_piece(runner, piece, fp32_piece, alone, [node])
+                job.quantize_piece(runner, piece, model, fp32_piece, alone, [node])
                 got = runner.outputs_on_reference(alone, "calibration", piece.inputs, piece.outputs)
                 scores[node] = max(compare_rows(r, g)["rel_error_max"] for r, g in zip(reference, got, strict=True))
                 alone.unlink()
+        del model
         runner.advance_reference(fp32_piece, piece.inputs, piece.outputs, piece.live_after)
         fp32_piece.unlink()
     return sorted(scores.items(), key=lambda item: -item[1])
@@ -249,9 +291,10 @@ def quantize_vision(fp32_path: Path, out_path: Path, scheme: str = DEFAULT_SCHEM
 
     ``calibration_images`` (files or PIL images) calibrate the static scheme and are measured for
     every scheme; without them a generated set is used. ``heldout_images`` default to another
-    generated set. Quality is measured on the first ``N_MEASURED_CALIBRATION`` calibration images and
-    on the held-out ones. Where the worst calibration row's cosine is below ``floor`` the most
-    sensitive MatMuls stay in float until it holds (the report's ``floor`` section says which).
+    generated set. Quality is measured on the first calibration images and on the held-out ones
+    (``measured_counts``: 4 + 4 on small towers, 2 + 0 at full size). Where the worst calibration row's
+    cosine is below ``floor`` the most sensitive MatMuls stay in float until it holds (the report's ``floor``
+    section says which).
     Written in a hidden sibling folder and moved into place: on failure nothing is left.
     """
     fp32_path, out_path = Path(fp32_path), Path(out_path)
@@ -271,11 +314,14 @@ def quantize_vision(fp32_path: Path, out_path: Path, scheme: str = DEFAULT_SCHEM
     size = header.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
     calibration = list(calibration_images) if calibration_images else generate_images(N_CALIBRATION_IMAGES,
                                                                                         CALIBRATION_SEED)
-    heldout = list(heldout_images) if heldout_images else generate_images(N_HELDOUT_IMAGES, HELDOUT_SEED)
+    n_calibration, n_heldout = measured_counts(sum(tensor_nbytes(t) for t in header.graph.initializer))
+    heldout = list(heldout_images) if heldout_images else generate_images(n_heldout, HELDOUT_SEED)
     log.info("vision int8 (%s): quantizing %d MatMuls, %d kept in float", scheme, len(to_quantize), len(kept))
 
     calibration_pixels = preprocess_all(calibration, size)  # bad user images fail here, before any work
-    sets = {"calibration": calibration_pixels[:N_MEASURED_CALIBRATION], "heldout": preprocess_all(heldout, size)}
+    sets = {"calibration": calibration_pixels[:n_calibration]}
+    if heldout:  # none by default at full size (``measured_counts``)
+        sets["heldout"] = preprocess_all(heldout, size)
     output = header.graph.output[0].name
     with staged_model_files(out_path) as staged, \
             tempfile.TemporaryDirectory(prefix=".int8-pieces.", dir=out_path.parent) as scratch_dir:
@@ -294,7 +340,7 @@ def quantize_vision(fp32_path: Path, out_path: Path, scheme: str = DEFAULT_SCHEM
         "reduce_range": s.reduce_range,
         "description": s.description,
         **({"caveat": s.caveat} if s.caveat else {}),
-        "activation_type": QuantType.QUInt8.name,
+        "activation_type": "int8 per block" if s.method == "nbits" else QuantType.QUInt8.name,
         "exclude": list(exclude),
         "quantized_matmuls": len(to_quantize) - n_float,
         "float_matmuls": len(kept) + n_float,

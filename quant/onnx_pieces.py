@@ -13,6 +13,7 @@ is made twice.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -116,15 +117,27 @@ class WeightSource:
         return np.frombuffer(data, dtype=dtype).reshape(tuple(t.dims))
 
 
-def piece_model(model: onnx.ModelProto, piece: Piece, weights: WeightSource) -> onnx.ModelProto:
-    """A standalone model of one piece, its weights inline (a piece stays far below protobuf's 2 GB)."""
+SMALL_TENSOR_BYTES = 64 * 2**10  # shapes and scalars: onnxruntime reads them inline only (shape inference)
+
+
+def piece_model(model: onnx.ModelProto, piece: Piece, weights: WeightSource, inline: bool = True
+                ) -> onnx.ModelProto:
+    """A standalone model of one piece: its weights inline (a piece stays far below protobuf's 2 GB), or
+    with ``inline`` False the large ones as the whole model has them (still pointing into its ``.data``)."""
     g = model.graph
     kept_info = {n for node in piece.nodes for n in node.output}
+    protos = {t.name: t for t in g.initializer}
+
+    def initializer(name: str) -> TensorProto:
+        if inline or tensor_nbytes(protos[name]) < SMALL_TENSOR_BYTES:
+            return numpy_helper.from_array(weights.array(name), name)
+        return protos[name]
+
     graph = helper.make_graph(
         list(piece.nodes), f"{g.name}_piece",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in piece.inputs],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in piece.outputs],
-        [numpy_helper.from_array(weights.array(n), n) for n in piece.weight_names],
+        [initializer(n) for n in piece.weight_names],
         value_info=[v for v in g.value_info if v.name in kept_info])
     sub = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name=model.producer_name)
     sub.ir_version = model.ir_version
@@ -152,17 +165,17 @@ class GraphAssembler:
         self.external_min_bytes = external_min_bytes
         self._names: dict[str, bytes] = {}
 
-    def add(self, piece: onnx.ModelProto) -> None:
+    def add(self, piece: onnx.ModelProto, weights: WeightSource | None = None) -> None:
+        """Append a piece; ``weights`` reads its external initializers (onnx.load refuses hard-linked data)."""
         g = self.model.graph
         _merge_opsets(self.model, piece)
         g.node.extend(piece.graph.node)
         known_info = {v.name for v in g.value_info}
         g.value_info.extend(v for v in piece.graph.value_info if v.name not in known_info)
         for t in piece.graph.initializer:
-            self._add_initializer(t)
+            self._add_initializer(t, weights.array(t.name) if weights else numpy_helper.to_array(t))
 
-    def _add_initializer(self, t: TensorProto) -> None:
-        array = numpy_helper.to_array(t)
+    def _add_initializer(self, t: TensorProto, array: np.ndarray) -> None:
         if t.name in self._names:  # shared constants (shapes, scalars) come with every piece that reads them
             if self._names[t.name] != array.tobytes():
                 raise ValueError(f"initializer {t.name} differs between pieces")
@@ -172,15 +185,41 @@ class GraphAssembler:
             out = TensorProto(name=t.name, dims=t.dims, data_type=t.data_type)
             self.writer.store(out, array)
             self.model.graph.initializer.append(out)
+        elif t.data_location == TensorProto.EXTERNAL:  # a reference into a piece's data: bring the bytes in
+            self.model.graph.initializer.append(numpy_helper.from_array(array, t.name))
         else:
             self.model.graph.initializer.append(t)
 
 
-def iter_piece_models(model_path: Path, max_bytes: int = DEFAULT_PIECE_BYTES
+def data_files(model: onnx.ModelProto) -> set[str]:
+    """The external data files a model's initializers point into (names relative to the model's folder)."""
+    return {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+
+
+def link_data_files(model_path: Path, folder: Path) -> bool:
+    """Hard-link the model's external data files into ``folder``, so that piece graphs saved there read the
+    weights in place: no 600 MB copy per piece into the piece file and out again (onnxruntime refuses a
+    symbolic link that leaves the model's folder, but a hard link is the file itself). False, with nothing
+    left behind, where a link cannot be made (another file system) or the model has no external data."""
+    names = data_files(onnx.load(str(model_path), load_external_data=False))
+    made: list[Path] = []
+    try:
+        for name in sorted(names):
+            os.link(Path(model_path).parent / name, folder / name)
+            made.append(folder / name)
+    except OSError:
+        for path in made:
+            path.unlink()
+        return False
+    return bool(names)
+
+
+def iter_piece_models(model_path: Path, max_bytes: int = DEFAULT_PIECE_BYTES, inline: bool = True
                       ) -> Iterator[tuple[int, int, Piece, onnx.ModelProto]]:
-    """(index, count, piece, standalone FP32 model) for each piece of the model at ``model_path``."""
+    """(index, count, piece, standalone FP32 model) for each piece of the model at ``model_path``; with
+    ``inline`` False the external weights stay references (``link_data_files``), read with ``weight_source``."""
     header = onnx.load(str(model_path), load_external_data=False)
     pieces = plan_pieces(header.graph, max_bytes)
     weights = WeightSource(model_path, header.graph)
     for i, piece in enumerate(pieces):
-        yield i, len(pieces), piece, piece_model(header, piece, weights)
+        yield i, len(pieces), piece, piece_model(header, piece, weights, inline)

@@ -43,33 +43,48 @@ S8_CAVEAT = ("int8 weights: fastest on CPUs with VNNI or ARM dot-product, but on
 
 @dataclass(frozen=True)
 class Int8Scheme:
-    """One way to call onnxruntime.quantization on the vision graph."""
+    """One way to quantize the vision graph's weight MatMuls (``quant.matmul_rewrite``, or onnxruntime's
+    ``quantize_static`` for the calibrated QDQ scheme)."""
 
-    method: str  # "dynamic" (activations quantized at run time) | "static" (QDQ, calibrated ranges)
+    method: str  # "dynamic" (activations quantized at run time) | "static" (QDQ, calibrated ranges) | "nbits"
     weight_type: str  # the name of an ``onnxruntime.quantization.QuantType`` member
     per_channel: bool
     description: str
+    min_cosine: float  # the worst row cosine vs FP32 it keeps on the golden images (tests hold it; README's table)
     caveat: str = ""  # printed by the export when the scheme's quality depends on the CPU that runs it
     reduce_range: bool = False
+    bits: int = 8  # "nbits" (MatMulNBits): weight bits, block size along K, accuracy level (4: int8 products)
+    block_size: int = 0
+    accuracy_level: int = 0
 
 
 SCHEMES: dict[str, Int8Scheme] = {
     # the default: u8 x u8 is exact on every CPU (see onnx_int8's module docstring)
     "dynamic-u8": Int8Scheme("dynamic", "QUInt8", True,
-                             "quantize_dynamic: uint8 weights per output channel, uint8 activations per run"),
-    # int8 x uint8 products use VNNI (x86) / dot-product (ARM) kernels: the fastest there
+                             "DynamicQuantizeMatMul: uint8 weights per output channel, uint8 activations per run",
+                             0.999),
+    # int8 x uint8 products use VNNI / AMX (x86) and dot-product (ARM) kernels: the fastest there
     "dynamic": Int8Scheme("dynamic", "QInt8", True,
-                          "quantize_dynamic: int8 weights per output channel, uint8 activations per run",
-                          caveat=S8_CAVEAT),
+                          "DynamicQuantizeMatMul: int8 weights per output channel, uint8 activations per run",
+                          0.95, caveat=S8_CAVEAT),  # 0.999 with VNNI or on ARM; saturated sums on AVX2 only
     # 7-bit int8 weights cannot saturate 16-bit sums (255 x 64 x 2 < 32767): portable and VNNI-fast, coarser
     "dynamic-s7": Int8Scheme("dynamic", "QInt8", True,
-                             "quantize_dynamic: int8 weights in 7 bits (reduce_range) per output channel, "
-                             "uint8 activations per run", reduce_range=True),
+                             "DynamicQuantizeMatMul: int8 weights in 7 bits per output channel, uint8 activations "
+                             "per run", 0.998, reduce_range=True),
     "dynamic-per-tensor": Int8Scheme("dynamic", "QUInt8", False,
-                                     "quantize_dynamic: uint8 weights per tensor, uint8 activations per run"),
+                                     "DynamicQuantizeMatMul: uint8 weights per tensor, uint8 activations per run",
+                                     0.999),
     "static": Int8Scheme("static", "QUInt8", True,
                          "quantize_static QDQ: uint8 weights per channel, uint8 activations with min/max "
-                         "ranges from the calibration images"),
+                         "ranges from the calibration images", 0.999),
+    **{f"nbits{bits}-b{block}": Int8Scheme(
+        "nbits", "QInt8" if bits == 8 else "QInt4", False,
+        f"MatMulNBits: int{bits} weights in blocks of {block} along K (symmetric), accuracy_level 4 "
+        "(int8 activations per block)" + ("" if bits == 8 else "; 4 bits, for reference: below the 0.99 floor "
+                                                               "on every tower measured, so the export keeps "
+                                                               "its MatMuls in float"),
+        0.999 if bits == 8 else 0.99, bits=bits, block_size=block, accuracy_level=4)
+       for bits in (8, 4) for block in (32, 128)},
 }
 DEFAULT_SCHEME = "dynamic-u8"
 

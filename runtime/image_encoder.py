@@ -92,7 +92,9 @@ class ImageEncoder:
         if self._session is None:
             from qwenvl_edge.runtime.vision import VisionEncoder
 
-            session = VisionEncoder(self.path, n_threads=self.n_threads, n_queries=self.n_queries)
+            # a session freed after its encode never repays prepacking the weights at open
+            session = VisionEncoder(self.path, n_threads=self.n_threads, n_queries=self.n_queries,
+                                    prepack=self.keep_vision)
             if session.hidden_size != self.hidden_size or session.image_size != self.spec.size:
                 got = (session.hidden_size, session.image_size)
                 session.close()

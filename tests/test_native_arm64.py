@@ -234,3 +234,27 @@ def test_quantized_bundles_answer_as_on_x86(arm64_build: Path, trained_quant_bun
                 if max(gaps) > NEAR_TIE:
                     differ.append((image.name, cpu, arm, x86, max(gaps)))
     assert not differ, differ
+
+
+TRAINED_SIGNS = 6  # sign images: where INT8 rounding moved the trained model's rows (0.65 before the floor)
+
+
+def test_trained_int8_floor_holds_on_arm64(arm64_build: Path, trained_ckpt: Path, tmp_path_factory, tmp_path: Path):
+    """Catches an INT8 floor that holds only on x86-64: the trained model's default INT8 bundle (its export kept
+    the sensitive MatMul in float), rows of ARM's kernels against x86-64's FP32 rows, on sign images."""
+    from qwenvl_edge.runtime.preprocess import preprocess_image, read_image
+    from qwenvl_edge.runtime.vision import VisionEncoder
+
+    bundle = export_for_tests(trained_ckpt, tmp_path_factory.mktemp("bundle") / "trained-int8-f32", "int8", "F32")
+    fp32 = export_for_tests(trained_ckpt, tmp_path_factory.mktemp("bundle") / "trained-fp32", "fp32", "F32")
+    signs = [it.image for it in synthetic_items(TRAINED_SIGNS, TASK_SEED) if it.task == "sign"]
+    images = list(write_ppm({f"sign{i}": image for i, image in enumerate(signs)}, tmp_path / "ppm").values())
+    size = Bundle.open(fp32).model.image_size
+    with VisionEncoder(Bundle.open(fp32).vision_path) as encoder:
+        x86 = encoder.encode(np.stack([preprocess_image(read_image(p).image, size) for p in images]))
+    x86 = x86.reshape(-1, x86.shape[-1])
+    for cpu in CPUS:
+        arm = vision_rows_arm64(cpu, bundle, images, tmp_path / f"{cpu}.f32")
+        cosine = (arm * x86).sum(1) / (np.linalg.norm(arm, axis=1) * np.linalg.norm(x86, axis=1))
+        print(f"[{cpu}] trained INT8 rows on {len(images)} sign images: min cosine {cosine.min():.5f}")
+        assert cosine.min() >= 0.99, cpu

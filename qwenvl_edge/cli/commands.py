@@ -19,6 +19,7 @@ from qwenvl_edge.cli.common import check_model_options, open_model, print_timing
 from qwenvl_edge.cli.inputs import BadLine, Job, read_batch, split_items
 from qwenvl_edge.contract import MANIFEST_FILE
 from qwenvl_edge.errors import OptionError, QwenVLError
+from qwenvl_edge.quant.registry import DEFAULT_SCHEME
 
 
 class ProgressPrinter:
@@ -68,7 +69,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 def check_export_options(a: argparse.Namespace) -> None:
     """What argparse cannot see: calibration images only where a scheme reads them."""
-    scheme = a.vision_scheme or "dynamic-u8"
+    scheme = a.vision_scheme or DEFAULT_SCHEME
     if a.calibration_image and (a.vision != "int8" or scheme != "static"):
         used = f"--vision {a.vision}" if a.vision != "int8" else f"the {scheme} scheme"
         raise OptionError(f"--calibration-image is read only by --vision-scheme static; {used} would ignore it")
