@@ -51,7 +51,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ from qwenvl_edge.quant.onnx_pieces import (
     GraphAssembler,
     Piece,
     WeightSource,
+    data_files,
     iter_piece_models,
     link_data_files,
     tensor_nbytes,
@@ -131,10 +132,6 @@ class _DropPreprocessHint(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
-def _has_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
 def _run_static_quantizer(s: Int8Scheme, src: Path, dst: Path, to_quantize: list[str],
                           calibration: ActivationCalibrationReader) -> None:
     hint_filter = _DropPreprocessHint()
@@ -163,12 +160,13 @@ class _Job:
     n_threads: int | None
     max_piece_bytes: int
     say: Progress
-    linked: bool = False  # the FP32 .data is hard-linked into the scratch folder: pieces reference it in place
+    weights: WeightSource = field(init=False)
+    linked: bool = field(init=False)  # the FP32 .data is hard-linked into the scratch folder: pieces point into it
 
     def __post_init__(self) -> None:
         self.weights = WeightSource(self.fp32_path, self.header.graph)
         # quantize_static loads its piece through onnx.load, which refuses hard-linked data
-        self.linked = self.scheme.method != "static" and link_data_files(self.fp32_path, self.scratch)
+        self.linked = self.scheme.method != "static" and link_data_files(self.fp32_path, self.header, self.scratch)
 
     def pieces(self, max_bytes: int | None = None) -> Iterator[tuple[int, int, Piece, onnx.ModelProto]]:
         return iter_piece_models(self.fp32_path, max_bytes or self.max_piece_bytes, inline=not self.linked)
@@ -187,7 +185,9 @@ class _Job:
             reader = ActivationCalibrationReader(runner.calibration_feeds(piece.inputs))
             _run_static_quantizer(self.scheme, src, dst, nodes, reader)
         else:
-            onnx.save(rewrite_model(model, set(nodes), self.scheme, self.weights.array), str(dst))
+            # linked pieces point into the FP32 .data; inline ones already hold their weights
+            weight = self.weights.array if self.linked else None
+            onnx.save(rewrite_model(model, set(nodes), self.scheme, weight), str(dst))
 
 
 def _quantize_pass(job: _Job, quantize: set[str]) -> PieceRunner:
@@ -310,7 +310,7 @@ def quantize_vision(fp32_path: Path, out_path: Path, scheme: str = DEFAULT_SCHEM
     say = progress or (lambda _m: None)
     header = onnx.load(str(fp32_path), load_external_data=False)  # graph only: names, not weights
     to_quantize, kept = weight_matmuls(header, exclude)
-    external = _has_external_data(header) or fp32_path.stat().st_size > EXTERNAL_DATA_BYTES
+    external = bool(data_files(header)) or fp32_path.stat().st_size > EXTERNAL_DATA_BYTES
     size = header.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
     calibration = list(calibration_images) if calibration_images else generate_images(N_CALIBRATION_IMAGES,
                                                                                         CALIBRATION_SEED)

@@ -196,12 +196,13 @@ def data_files(model: onnx.ModelProto) -> set[str]:
     return {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
 
 
-def link_data_files(model_path: Path, folder: Path) -> bool:
-    """Hard-link the model's external data files into ``folder``, so that piece graphs saved there read the
-    weights in place: no 600 MB copy per piece into the piece file and out again (onnxruntime refuses a
-    symbolic link that leaves the model's folder, but a hard link is the file itself). False, with nothing
-    left behind, where a link cannot be made (another file system) or the model has no external data."""
-    names = data_files(onnx.load(str(model_path), load_external_data=False))
+def link_data_files(model_path: Path, model: onnx.ModelProto, folder: Path) -> bool:
+    """Hard-link the external data files of ``model`` (loaded from ``model_path`` without its weights) into
+    ``folder``, so that piece graphs saved there read the weights in place: no 600 MB copy per piece into the
+    piece file and out again (onnxruntime refuses a symbolic link that leaves the model's folder, but a hard
+    link is the file itself). False, with nothing left behind, where a link cannot be made (another file
+    system) or the model has no external data."""
+    names = data_files(model)
     made: list[Path] = []
     try:
         for name in sorted(names):
@@ -217,7 +218,7 @@ def link_data_files(model_path: Path, folder: Path) -> bool:
 def iter_piece_models(model_path: Path, max_bytes: int = DEFAULT_PIECE_BYTES, inline: bool = True
                       ) -> Iterator[tuple[int, int, Piece, onnx.ModelProto]]:
     """(index, count, piece, standalone FP32 model) for each piece of the model at ``model_path``; with
-    ``inline`` False the external weights stay references (``link_data_files``), read with ``weight_source``."""
+    ``inline`` False the large external weights stay references (``link_data_files``)."""
     header = onnx.load(str(model_path), load_external_data=False)
     pieces = plan_pieces(header.graph, max_bytes)
     weights = WeightSource(model_path, header.graph)

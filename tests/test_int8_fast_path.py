@@ -53,10 +53,12 @@ def test_measured_images_shrink_with_the_tower(weight_bytes: int, want: tuple[in
 
 
 def test_linking_needs_external_data(fp32_external: Path, fp32_onnx: Path, tmp_path: Path) -> None:
-    assert link_data_files(fp32_onnx, tmp_path) is False and list(tmp_path.iterdir()) == []
+    header = onnx.load(str(fp32_onnx), load_external_data=False)
+    assert link_data_files(fp32_onnx, header, tmp_path) is False and list(tmp_path.iterdir()) == []
     (tmp_path / "linked").mkdir()
-    assert link_data_files(fp32_external, tmp_path / "linked") is True
-    name = data_files(onnx.load(str(fp32_external), load_external_data=False)).pop()
+    header = onnx.load(str(fp32_external), load_external_data=False)
+    assert link_data_files(fp32_external, header, tmp_path / "linked") is True
+    name = data_files(header).pop()
     assert os.path.samefile(tmp_path / "linked" / name, fp32_external.parent / name)
     (tmp_path / "linked" / name).unlink()  # the module's other test counts the data file's links
 
